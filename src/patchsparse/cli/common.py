@@ -1,0 +1,48 @@
+"""Options shared by several commands and the glue that turns them into objects."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from patchsparse.data.corpus import DEFAULT_CORPUS
+from patchsparse.errors import PatchsparseError
+from patchsparse.models.builtin import DEFAULT_MODEL
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"built-in name, local HF model directory or hub id (default: {DEFAULT_MODEL})")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default: float32)")
+    parser.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")
+
+
+def add_data_args(parser: argparse.ArgumentParser, seqlen: int = 512) -> None:
+    parser.add_argument("--data", default=DEFAULT_CORPUS,
+                        help="'default', a local .txt/.jsonl/.json.gz/.parquet file, or wikitext2 | c4 | slimpajama")
+    parser.add_argument("--seqlen", type=int, default=seqlen, help=f"tokens per window (default: {seqlen})")
+
+
+def add_json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="also write a machine-readable record of the results here")
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def check_seqlen(seqlen: int, max_positions: int | None) -> None:
+    if seqlen < 2:
+        raise PatchsparseError(f"--seqlen must be at least 2, got {seqlen}")
+    if max_positions is not None and seqlen > max_positions:
+        raise PatchsparseError(f"--seqlen {seqlen} exceeds the model's context of {max_positions} tokens")
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in ("handler", "debug", "json")}

@@ -1,0 +1,54 @@
+"""`patchsparse` entry point: one sub-command per module, errors as one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from patchsparse import __version__
+from patchsparse.errors import PatchsparseError
+
+# Each module defines `register(subparsers)`, which adds its parser with `handler=` set.
+COMMAND_MODULES = (
+    "patchsparse.cli.info",
+    "patchsparse.cli.evaluate",
+    "patchsparse.cli.run",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="patchsparse", description="Learnable tile-level hybrid (dense / 2:4) sparsity for LLMs.")
+    parser.add_argument("--version", action="version", version=f"patchsparse {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    # Built-in models and corpora are local; never let transformers wander to the hub for them.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.handler(args) or 0)
+    except PatchsparseError as exc:
+        if args.debug:
+            raise
+        print(f"patchsparse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("patchsparse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

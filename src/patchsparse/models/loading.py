@@ -1,0 +1,111 @@
+"""Resolve a model spec (built-in name, local directory, hub id) into a frozen causal LM."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from patchsparse.errors import PatchsparseError
+from patchsparse.models.builtin import BUILTIN_MODELS, cached_builtin_dir
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        # bf16 pays off on GPUs; on CPUs without bf16 units it is slower than fp32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise PatchsparseError(f"unknown dtype '{name}' (choose float32, bfloat16, float16 or auto)")
+    return _DTYPES[name]
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PatchsparseError(f"device '{name}' requested but CUDA is not available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise PatchsparseError(f"unknown device '{name}' (choose cpu, cuda or auto)")
+    return torch.device(name)
+
+
+def _looks_like_path(spec: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else with slashes or a file suffix is a path.
+    return (spec.startswith((".", "/", "~")) or spec.count("/") > 1
+            or spec.endswith((".gguf", ".safetensors", ".bin", ".json")))
+
+
+def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+               **from_pretrained_kwargs: Any) -> LoadedModel:
+    """Load a causal LM with frozen weights in eval mode.
+
+    `spec` is a built-in name (`smollm2-135m`), a local Hugging Face model directory, or a hub id.
+    Extra keyword arguments (e.g. `device_map`) go to `from_pretrained`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading takes about a second; its bars are noise
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    identity: dict[str, Any] = {"spec": spec}
+    if spec in BUILTIN_MODELS:
+        path = cached_builtin_dir(BUILTIN_MODELS[spec])
+        identity.update(json.loads((path / "patchsparse_builtin.json").read_text()))
+        source, local = str(path), True
+    elif Path(spec).expanduser().is_dir():
+        source, local = str(Path(spec).expanduser().resolve()), True
+        identity.update(name=Path(source).name, source="local directory")
+    elif _looks_like_path(spec) or Path(spec).expanduser().exists():
+        raise PatchsparseError(f"model path '{spec}' is not a directory (expected a Hugging Face model folder)")
+    else:
+        source, local = spec, False
+        identity.update(name=spec, source="huggingface hub")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, local_files_only=local, **from_pretrained_kwargs)
+    except (OSError, ValueError) as exc:
+        if local:
+            raise PatchsparseError(f"cannot load model from '{source}': {_first_line(exc)}") from exc
+        known = ", ".join(sorted(BUILTIN_MODELS))
+        raise PatchsparseError(
+            f"cannot load '{spec}': not a built-in model ({known}), not a local directory, and the "
+            f"Hugging Face hub did not provide it (offline or unknown id): {_first_line(exc)}"
+        ) from exc
+    if "device_map" not in from_pretrained_kwargs:
+        model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    revision = getattr(model.config, "_commit_hash", None)
+    if revision:
+        identity["revision"] = revision
+    identity["architecture"] = (model.config.architectures or [type(model).__name__])[0]
+    return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,23 @@
+"""Small shared helpers: logging to stderr and progress bars."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterable, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def progress(iterable: Iterable[T] | None = None, *, desc: str, total: int | None = None,
+             unit: str = "it", leave: bool = False) -> tqdm:
+    """A progress bar on stderr; PATCHSPARSE_NO_PROGRESS=1 turns all of them off."""
+    disable = os.environ.get("PATCHSPARSE_NO_PROGRESS", "") not in ("", "0")
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=disable,
+                mininterval=1.0, dynamic_ncols=True, file=sys.stderr)
