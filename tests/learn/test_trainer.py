@@ -111,6 +111,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny_tokenizer, tmp_path):
         from tests.conftest import build_tiny_tokenizer, build_tiny_llama
         from tests.learn.helpers import tiny_config, tiny_prior, tiny_windows
         from patchsparse.learn import learn_masks
+        import torch; torch.set_num_threads(1)
         tok = build_tiny_tokenizer()
         model = build_tiny_llama(len(tok))
         config = tiny_config("patch-joint", steps=6, checkpoint_every=2)
