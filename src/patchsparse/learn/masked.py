@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 
 from patchsparse.errors import PatchsparseError
 from patchsparse.learn.config import LearnConfig, MaskConfig
+from patchsparse.learn.fused import fused_available, fused_hybrid_weight
 from patchsparse.learn.init import init_pattern_logits, init_tile_logits
 from patchsparse.learn.noise import NoiseTable, splitmix64, table_length_for
 from patchsparse.learn.schedules import weight_reg_decay
@@ -158,10 +159,17 @@ class HybridMask(nn.Module):
 
     # ---- the parametrization ------------------------------------------------------------------
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        masked = hybrid_soft_weight(weight, self.sparse_mask(), self.tile_values(), self.grid)
         s = self.sampler
-        if s.weight_reg_grad and torch.is_grad_enabled() and s.mode != HARD:
-            norm = masked.float().norm()
+        wants_norm = bool(s.weight_reg_grad) and torch.is_grad_enabled() and s.mode != HARD
+        if s.mode != HARD and not (s.hard_nm and self.pattern_logits is not None) and fused_available(weight):
+            noise = None if self.pattern_logits is None else s.pattern_noise(self.index, self.pattern_logits.shape)
+            masked, norm = fused_hybrid_weight(weight, self.pattern_logits, noise,
+                                               self.sparse_keep if self.pattern_logits is None else None,
+                                               self.tile_values(), s.kappa_nm, s.tau_nm, self.grid)
+        else:
+            masked = hybrid_soft_weight(weight, self.sparse_mask(), self.tile_values(), self.grid)
+            norm = masked.float().norm() if wants_norm else None
+        if wants_norm:
             s.layer_norms[self.index] = norm.detach()
             masked = _AddToLoss.apply(masked, norm, s.weight_reg_grad)
         return masked.to(weight.dtype)
