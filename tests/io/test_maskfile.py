@@ -71,6 +71,8 @@ def test_round_trip_is_identical(tiny_model, tmp_path):
     assert doc["mode"] == "patch-tile" and doc["target_sparsity"] == 0.35 and doc["tile"] == [24, 20]
     assert doc["pattern"] == "2:4" and doc["training"] == {"lr": 0.01, "steps": 10}
     assert doc["achieved_sparsity"] == pytest.approx(spec.sparsity())
+    assert doc["per_projection_sparsity"] == pytest.approx(spec.per_projection_sparsity())
+    assert doc["per_block_sparsity"] == pytest.approx({str(b): v for b, v in spec.per_block_sparsity().items()})
     name = "model.layers.1.mlp.down_proj"
     assert doc["layers"][name]["shape"] == [64, 128] and doc["layers"][name]["grid"] == [3, 7]
     assert doc["layers"][name]["sparsity"] == pytest.approx(spec.layers[name].sparsity())

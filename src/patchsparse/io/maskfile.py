@@ -139,21 +139,31 @@ def _json_ready(value: Any, what: str) -> Any:
         raise PatchsparseError(f"{what} must be JSON-serialisable: {exc}") from exc
 
 
-def _layer_entry(mask: LayerMask) -> dict[str, Any]:
+def _layer_entry(mask: LayerMask, kept: int) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "shape": list(mask.shape),
         "pattern": mask.pattern,
         "tile": list(mask.tile) if mask.tile is not None else None,
         "grid": list(mask.grid.shape) if mask.tile is not None else None,
-        "kept": mask.kept(),
+        "kept": kept,
         "numel": mask.numel(),
-        "sparsity": mask.sparsity(),
+        "sparsity": 1.0 - kept / mask.numel(),
         "dense_tile_fraction": mask.dense_tile_fraction(),
     }
     if mask.dense_tiles is not None:
         entry["dense_tiles"] = int(mask.dense_tiles.sum())
         entry["tiles"] = mask.dense_tiles.numel()
     return entry
+
+
+def _grouped_sparsity(kept: dict[str, int], numel: dict[str, int], key) -> dict[Any, float]:
+    """Sparsity of groups of layers (weighted by size); `key` maps a layer name to its group."""
+    totals: dict[Any, list[int]] = {}
+    for name in kept:
+        group = totals.setdefault(key(name), [0, 0])
+        group[0] += kept[name]
+        group[1] += numel[name]
+    return {g: 1.0 - k / t for g, (k, t) in totals.items()}
 
 
 def check_consistent(spec: HybridMaskSpec) -> None:
@@ -239,9 +249,13 @@ def save_mask_spec(spec: HybridMaskSpec, directory: str | Path, *, identity: dic
         files[WEIGHTS_TENSORS] = {"sha256": hashlib.sha256(weights_payload).hexdigest(),
                                   "bytes": len(weights_payload), "layers": sorted(updated_weights)}
 
+    from patchsparse.models.layers import block_index, projection_type
+
     layers = spec.layers
     metadata = _json_ready(spec.metadata, "mask metadata")
-    kept, total = spec.kept_and_total()
+    kept_of = {name: mask.kept() for name, mask in layers.items()}  # the costly count, once per layer
+    numel_of = {name: mask.numel() for name, mask in layers.items()}
+    kept, total = sum(kept_of.values()), sum(numel_of.values())
     document = {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
@@ -257,14 +271,15 @@ def save_mask_spec(spec: HybridMaskSpec, directory: str | Path, *, identity: dic
         "pattern": _common([m.pattern for m in layers.values()]),
         "tile": _common([list(m.tile) if m.tile else None for m in layers.values()]),
         "target_sparsity": metadata.get("target_sparsity"),
-        "achieved_sparsity": spec.sparsity(),
+        "achieved_sparsity": 1.0 - kept / total,
         "kept": kept,
         "masked_weights": total,
-        "per_projection_sparsity": spec.per_projection_sparsity(),
-        "per_block_sparsity": {str(b): s for b, s in spec.per_block_sparsity().items()},
+        "per_projection_sparsity": _grouped_sparsity(kept_of, numel_of, projection_type),
+        "per_block_sparsity": {str(b): v for b, v in
+                               sorted(_grouped_sparsity(kept_of, numel_of, block_index).items())},
         "training": _json_ready(extra or {}, "extra settings"),
         "metadata": metadata,
-        "layers": {name: _layer_entry(mask) for name, mask in layers.items()},
+        "layers": {name: _layer_entry(mask, kept_of[name]) for name, mask in layers.items()},
         "files": files,
     }
     try:
