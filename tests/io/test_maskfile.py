@@ -284,3 +284,11 @@ def test_tile_size_mismatch_is_refused(tiny_model, tmp_path, tile, grid):
     (out / MASKS_JSON).write_text(json.dumps(doc))
     with pytest.raises(PatchsparseError, match="does not fit"):
         load_mask_spec(out, tiny_model)
+
+
+def test_without_sample_another_dtype_is_refused_with_a_hint(tiny_model, tmp_path):
+    spec = hybrid_spec(tiny_model)
+    save_mask_spec(spec, tmp_path / "m", weights_fingerprint=weights_fingerprint(tiny_model, spec.layers))
+    with pytest.raises(PatchsparseError, match="in the dtype they were made in"):
+        load_mask_spec(tmp_path / "m", copy.deepcopy(tiny_model).to(torch.bfloat16))
+    assert_same_spec(spec, load_mask_spec(tmp_path / "m", tiny_model))

@@ -375,9 +375,12 @@ def check_fingerprint(document: dict[str, Any], tensors: dict[str, torch.Tensor]
             for n in names):
         return
     label = base.get("name") or base.get("spec") or "another model"
+    hint = "Load the base model the masks were made for"
+    if not any(key.startswith("weights_sample/") for key in tensors):
+        hint += " (in the dtype they were made in: this file holds no weight sample to compare across dtypes)"
     raise PatchsparseError(
         f"these masks were made for {label} (weights fingerprint {expected[:12]}…); this model's masked "
-        f"layers have different weights. Load the base model the masks were made for")
+        f"layers have different weights. {hint}")
 
 
 def load_mask_spec(directory: str | Path, model: nn.Module | None = None) -> HybridMaskSpec:
