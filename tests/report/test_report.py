@@ -141,3 +141,28 @@ def test_curves_figure_skips_absent_panels(tmp_path):
     assert [ax.get_title() for ax in figure.axes] == ["Loss"]
     path.write_text('{"step": 0, "note": "x"}\n')
     assert training_curves_figure(read_metrics(path)) is None
+
+
+def test_learn_layout_and_record(tiny_model, tmp_path):
+    """`patchsparse learn` writes masks/ beside metrics.jsonl and records perplexities as a dict."""
+    run = tmp_path / "learn-out"
+    spec = hybrid_spec(tiny_model, metadata={"mode": "patch-tile", "target_sparsity": 0.3})
+    save_mask_spec(spec, run / "masks")
+    rows = [{"step": s, "lr": 0.1, "loss": 3 - s / 10, "lm_loss": 3 - s / 10, "sparse_reg": 0.01 * s,
+             "density": 0.8 - s / 100, "hard_density": 0.8, "tau_nm": 4 - s / 5, "tau_tile": 2 - s / 10,
+             "kappa_nm": 100.0, "kappa_tile": 3.0 + s, "block_density": None} for s in range(10)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "results").mkdir()
+    (run / "results" / "learn.json").write_text(json.dumps({"command": "learn", "figures": {
+        "perplexity": {"magnitude": 40.0, "learned": 30.0}, "prior_sparsity": {"magnitude": 0.5},
+        "extraction": {"sparsity": 0.3}, "corpus": "tiny"}}))
+    (run / "results" / "dense.json").write_text(json.dumps({"command": "eval", "figures": {"perplexity": 20.0}}))
+    text = build_report(run).read_text()
+    assert "| magnitude | 50.00% | 40.000 | 2.000x | tiny |" in text
+    assert "| learned | — | 30.000 | 1.500x | tiny |" in text
+    curves = training_curves_figure(read_metrics(run / "metrics.jsonl"), 0.7)
+    assert [ax.get_title() for ax in curves.axes] == [
+        "Loss", "Density", "Temperature τ", "Learning rate", "Sparsity regulariser", "Logit scale κ"]
+    density_axes = curves.axes[1]
+    assert [line.get_label() for line in density_axes.get_lines()] == ["density", "hard_density", "target 70.0%"]
+    assert (run / "figures" / "training_curves.png").is_file()

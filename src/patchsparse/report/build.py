@@ -10,7 +10,8 @@ from patchsparse.io.atomic import atomic_directory, atomic_write_text
 from patchsparse.io.maskfile import load_mask_spec, read_mask_document
 from patchsparse.masks import HybridMaskSpec
 from patchsparse.report import figures as fig
-from patchsparse.report.inputs import METRICS_FILE, Metrics, ResultRow, dense_reference, read_metrics, read_results
+from patchsparse.report.inputs import (METRICS_FILE, Metrics, ResultRow, dense_reference, find_mask_dir, read_metrics,
+                                      read_results)
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
@@ -76,12 +77,14 @@ def last_metrics_line(metrics: Metrics) -> str:
 def build_report(run_dir: str | Path) -> Path:
     """Write run_dir/report.md and run_dir/figures/*.png; returns the report's path.
 
-    Needs masks.json + masks.safetensors in run_dir; metrics.jsonl and results/*.json are used
-    when present. The figures folder is replaced in one rename, the report file likewise.
+    Needs masks.json + masks.safetensors in run_dir (or in run_dir/masks); metrics.jsonl and
+    results/*.json are used when present. The figures folder is replaced in one rename, the
+    report file likewise.
     """
     run_dir = Path(run_dir)
-    document = read_mask_document(run_dir)
-    spec = load_mask_spec(run_dir)
+    mask_dir = find_mask_dir(run_dir)
+    document = read_mask_document(mask_dir)
+    spec = load_mask_spec(mask_dir)
     metrics = read_metrics(run_dir / METRICS_FILE)
     results, result_notes = read_results(run_dir)
 
@@ -125,7 +128,7 @@ def build_report(run_dir: str | Path) -> Path:
     if curves is not None:
         md += [f"![Training curves]({FIGURES_DIR}/training_curves.png)", "", last_metrics_line(metrics)]
     elif metrics is not None and metrics.rows:
-        md.append(f"`{METRICS_FILE}` holds no loss, density, τ or learning-rate values.")
+        md.append(f"`{METRICS_FILE}` holds none of the values the curves show (loss, density, τ, κ, lr).")
     else:
         md.append(f"No `{METRICS_FILE}` in this directory.")
     if metrics is not None and metrics.skipped_lines:

@@ -141,12 +141,15 @@ def tile_map_figure(spec: HybridMaskSpec, names: list[str]) -> Figure:
     return figure
 
 
-# Panels of the training-curve figure: title, y label, metric keys (prefix match for "tau").
+# Panels of the training-curve figure: title, y label, metric keys (as `patchsparse learn` logs them,
+# plus common aliases). A panel is drawn when any of its keys has a number.
 CURVE_PANELS = (
-    ("Loss", "loss", ("loss", "lm_loss", "reg_loss")),
-    ("Soft density", "density", ("soft_density", "hard_density", "density")),
-    ("Temperature τ", "τ", ("tau_24", "tau_tile", "tau")),
+    ("Loss", "loss", ("loss", "lm_loss")),
+    ("Density", "density", ("soft_density", "density", "hard_density")),
+    ("Temperature τ", "τ", ("tau_nm", "tau_24", "tau_tile", "tau")),
     ("Learning rate", "learning rate", ("lr",)),
+    ("Sparsity regulariser", "value", ("sparse_reg", "reg_loss")),
+    ("Logit scale κ", "κ", ("kappa_nm", "kappa_tile")),
 )
 
 
@@ -165,7 +168,7 @@ def training_curves_figure(metrics: Metrics, target_density: float | None = None
         for key in keys:
             steps, values = metrics.series(key)
             axes.plot(steps, values, label=key, marker="." if len(values) < 30 else None)
-        if title == "Soft density" and target_density is not None:
+        if title == "Density" and target_density is not None:
             axes.axhline(target_density, color="black", linestyle="--", linewidth=1,
                          label=f"target {target_density:.1%}")
         if title == "Learning rate":

@@ -1,7 +1,8 @@
 """What a report reads from a run directory, read tolerantly.
 
-A run directory holds `masks.json` + `masks.safetensors` (required), optionally `metrics.jsonl`
-(one JSON object per training step) and `results/*.json` (records written by `--json`).
+A run directory holds a mask directory (`masks.json` + `masks.safetensors`, in the run directory
+itself or in its `masks/` folder as `patchsparse learn` writes it), optionally `metrics.jsonl` (one
+JSON object per training step) and `results/*.json` (records written by `--json`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_DIR = "results"
+MASKS_SUBDIR = "masks"
+
+
+def find_mask_dir(run_dir: Path) -> Path:
+    """The run directory itself when it holds masks.json, else its masks/ folder when that does."""
+    from patchsparse.io.maskfile import MASKS_JSON
+
+    if not (run_dir / MASKS_JSON).is_file() and (run_dir / MASKS_SUBDIR / MASKS_JSON).is_file():
+        return run_dir / MASKS_SUBDIR
+    return run_dir
 
 
 @dataclass(frozen=True)
@@ -85,12 +96,41 @@ def _row(label: str, figures: dict[str, Any], settings: dict[str, Any], source: 
     return ResultRow(label=label, perplexity=perplexity, sparsity=sparsity, source=source, details=", ".join(parts))
 
 
+def _rows_of_record(record: dict[str, Any], stem: str, source: str) -> list[ResultRow]:
+    figures = record.get("figures") if isinstance(record.get("figures"), dict) else {}
+    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    label = record.get("label") or figures.get("label") or settings.get("label") or stem
+    rows = []
+    top = _row(str(label), figures, settings, source)
+    if top is not None:
+        rows.append(top)
+    # {"perplexity": {"dense": 20.1, "learned": 25.3}, "prior_sparsity": {"magnitude": 0.5}}
+    if isinstance(figures.get("perplexity"), dict):
+        sparsity_maps = [v for k, v in figures.items() if k.endswith("sparsity") and isinstance(v, dict)]
+        for key, value in figures["perplexity"].items():
+            sparsity = next((m[key] for m in sparsity_maps if _number(m.get(key)) is not None), None)
+            nested = _row(str(key), {"perplexity": value, "sparsity": sparsity, **_data_of(figures)}, {}, source)
+            if nested is not None:
+                rows.append(nested)
+    # {"dense": {"perplexity": 20.1, …}, "patch": {"perplexity": 25.3, "sparsity": 0.35}}
+    for key, value in figures.items():
+        if isinstance(value, dict) and key != "perplexity":
+            nested = _row(str(value.get("label") or key), value, settings, source)
+            if nested is not None:
+                rows.append(nested)
+    return rows
+
+
+def _data_of(figures: dict[str, Any]) -> dict[str, Any]:
+    return {k: figures[k] for k in ("corpus", "tokens_scored") if k in figures}
+
+
 def read_results(directory: Path) -> tuple[list[ResultRow], list[str]]:
     """Perplexity rows from results/*.json, and notes on files that gave none.
 
     A record's row is labelled by its "label" (top level, in figures or in settings), else by the
-    file name. A record whose figures hold several results ({"dense": {"perplexity": …}, …})
-    gives one row per result, labelled by its key.
+    file name. Records holding several results give one row per result, labelled by its key:
+    figures {"dense": {"perplexity": …}, …} or figures {"perplexity": {"dense": …, "learned": …}}.
     """
     rows: list[ResultRow] = []
     notes: list[str] = []
@@ -103,18 +143,7 @@ def read_results(directory: Path) -> tuple[list[ResultRow], list[str]]:
         if not isinstance(record, dict):
             notes.append(f"{path.name}: not a result record, skipped")
             continue
-        figures = record.get("figures") if isinstance(record.get("figures"), dict) else {}
-        settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
-        label = record.get("label") or figures.get("label") or settings.get("label") or path.stem
-        found = []
-        top = _row(str(label), figures, settings, path.name)
-        if top is not None:
-            found.append(top)
-        for key, value in figures.items():
-            if isinstance(value, dict):
-                nested = _row(str(value.get("label") or key), value, settings, path.name)
-                if nested is not None:
-                    found.append(nested)
+        found = _rows_of_record(record, path.stem, path.name)
         if not found:
             notes.append(f"{path.name}: no perplexity figure, skipped")
         rows.extend(found)
