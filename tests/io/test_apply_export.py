@@ -99,3 +99,17 @@ def test_interrupted_export_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="disk full"):
         export_checkpoint(loaded, tmp_path / "m", tmp_path / "out" / "hf")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_exported_files_are_readable_by_others(tiny_model_dir, tmp_path):
+    import stat
+
+    from patchsparse.io.atomic import _UMASK
+
+    if _UMASK & stat.S_IROTH:
+        pytest.skip("this process's umask hides files from others anyway")
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    save_mask_spec(hybrid_spec(loaded.model), tmp_path / "m", base_model=loaded.model)
+    export_checkpoint(loaded, tmp_path / "m", tmp_path / "hf")
+    for path in [tmp_path / "hf", *(tmp_path / "hf").rglob("*")]:
+        assert path.stat().st_mode & stat.S_IROTH, path

@@ -20,6 +20,13 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def usual_file_modes(directory: Path) -> None:
+    """Give every file under `directory` the mode the umask allows (some writers make files private)."""
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

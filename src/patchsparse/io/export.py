@@ -13,7 +13,7 @@ from pathlib import Path
 
 from patchsparse import __version__
 from patchsparse.errors import PatchsparseError
-from patchsparse.io.atomic import atomic_directory
+from patchsparse.io.atomic import atomic_directory, usual_file_modes
 from patchsparse.io.maskfile import MASKS_JSON, MASKS_TENSORS, WEIGHTS_TENSORS, apply_mask_dir, read_mask_document
 from patchsparse.masks import HybridMaskSpec
 from patchsparse.models import LoadedModel
@@ -60,6 +60,7 @@ def export_checkpoint(loaded: LoadedModel, mask_dir: str | Path, out: str | Path
                 "mask_fingerprint": document.get("files", {}).get(MASKS_TENSORS, {}).get("sha256"),
             }
             (sidecar / EXPORT_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
+            usual_file_modes(tmp)  # the safetensors writer leaves weights private (0600)
     except FileExistsError:
         raise PatchsparseError(f"output directory {out} exists; pass --overwrite to replace it") from None
     return spec
