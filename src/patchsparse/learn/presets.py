@@ -31,7 +31,7 @@ _TAU = LinearSchedule(4.0, 0.05)
 
 def paper_preset(mode: str, sparsity: float) -> LearnConfig:
     train = TrainConfig(steps=2000, batch_size=1, grad_accum=256, seqlen=4096, checkpoint_every=500)
-    mask = MaskConfig(mode=mode, sparsity=0.5 if mode == "maskllm" else sparsity, tile=(128, 128))
+    mask = MaskConfig(mode=mode, sparsity=sparsity, tile=(128, 128))
     if mode == "patch-joint":
         tile_tau = _TAU if sparsity >= 0.45 else LinearSchedule(2.0, 0.05)
         sampling = SamplingConfig(_TAU, LinearSchedule(100.0, 500.0), tile_tau, LinearSchedule(25.0, 350.0))
