@@ -40,7 +40,7 @@ def load_extension():
         build.mkdir(parents=True, exist_ok=True)
         log("loading the fused soft-mask CPU kernel (compiled once per machine) …")
         _extension = load(name="patchsparse_soft_mask_cpu", sources=[str(source)], build_directory=str(build),
-                          extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                          extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"], extra_ldflags=["-fopenmp"],
                           verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back to PyTorch
         from patchsparse.utils import log
@@ -65,7 +65,8 @@ class FusedHybridWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, logits, tiles, noise, keep, kappa, tau, grid):
         ext = load_extension()
-        tile_rows, tile_cols = (grid.rows, grid.cols) if grid is not None else (1, 4)
+        # without tiles: one segment per row, so the kernel vectorises along the whole row
+        tile_rows, tile_cols = (grid.rows, grid.cols) if grid is not None else tuple(weight.shape)
         out, row_sq = ext.forward(weight, logits, noise, keep, tiles, kappa, tau, tile_rows, tile_cols)
         norm = row_sq.sum().sqrt().to(torch.float32)
         ctx.save_for_backward(weight, logits, tiles, noise, keep, norm)

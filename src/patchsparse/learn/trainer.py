@@ -189,7 +189,11 @@ def step_window_indices(step: int, train: TrainConfig, n_windows: int) -> list[t
 
 def make_optimizer(masked: MaskedModel, config: LearnConfig) -> torch.optim.Optimizer:
     oc = config.optim
-    return torch.optim.AdamW(masked.parameters(), lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay)
+    params = masked.parameters()
+    # The fused (single-kernel) AdamW is several times faster than the per-tensor one on CPU; the
+    # logits are fp32 on one device, which it supports.
+    fused = params[0].device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(params, lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay, fused=fused)
 
 
 def train_step(model: nn.Module, masked: MaskedModel, optimizer: torch.optim.Optimizer, config: LearnConfig,

@@ -17,11 +17,9 @@ constexpr int kB[6] = {1, 2, 3, 2, 3, 3};
 
 inline void soft_patterns(const float* logits, const float* noise, float scale, float inv_tau, float* y) {
   float z[6];
-  float zmax = -INFINITY;
-  for (int k = 0; k < 6; ++k) {
-    z[k] = (logits[k] * scale + (noise ? noise[k] : 0.f)) * inv_tau;
-    zmax = z[k] > zmax ? z[k] : zmax;
-  }
+  for (int k = 0; k < 6; ++k) z[k] = (logits[k] * scale + (noise ? noise[k] : 0.f)) * inv_tau;
+  float zmax = z[0];
+  for (int k = 1; k < 6; ++k) zmax = z[k] > zmax ? z[k] : zmax;
   float sum = 0.f;
   for (int k = 0; k < 6; ++k) {
     y[k] = std::exp(z[k] - zmax);
@@ -65,24 +63,31 @@ std::vector<torch::Tensor> forward(torch::Tensor weight, c10::optional<torch::Te
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < out_f; ++i) {
     const int64_t tr = i / tile_rows;
+    const int64_t groups_per_tile = tile_cols / 4;
     double acc = 0.0;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t base = i * in_f + 4 * g;
-      float m[4];
-      if (pl) {
-        float y[6];
-        const int64_t lg = (i * G + g) * 6;
-        soft_patterns(pl + lg, pn ? pn + lg : nullptr, scale, inv_tau, y);
-        mask_of(y, m);
-      } else {
-        for (int j = 0; j < 4; ++j) m[j] = pk[base + j] ? 1.f : 0.f;
+    for (int64_t g0 = 0; g0 < G; g0 += groups_per_tile) {  // one tile column at a time: t is constant
+      const int64_t g1 = g0 + groups_per_tile < G ? g0 + groups_per_tile : G;
+      const float t = tile_value(pt, C, tr, 4 * g0, tile_cols);
+      float seg = 0.f;
+#pragma omp simd reduction(+ : seg)
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t base = i * in_f + 4 * g;
+        float m[4];
+        if (pl) {
+          float y[6];
+          const int64_t lg = (i * G + g) * 6;
+          soft_patterns(pl + lg, pn ? pn + lg : nullptr, scale, inv_tau, y);
+          mask_of(y, m);
+        } else {
+          for (int j = 0; j < 4; ++j) m[j] = pk[base + j] ? 1.f : 0.f;
+        }
+        for (int j = 0; j < 4; ++j) {
+          const float v = w[base + j] * (t + (1.f - t) * m[j]);
+          o[base + j] = v;
+          seg += v * v;
+        }
       }
-      const float t = tile_value(pt, C, tr, 4 * g, tile_cols);
-      for (int j = 0; j < 4; ++j) {
-        const float v = w[base + j] * (t + (1.f - t) * m[j]);
-        o[base + j] = v;
-        acc += static_cast<double>(v) * v;
-      }
+      acc += seg;
     }
     sq[i] = acc;
   }
@@ -113,37 +118,41 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor weight
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < out_f; ++i) {
     const int64_t tr = i / tile_rows;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t base = i * in_f + 4 * g;
-      const int64_t lg = (i * G + g) * 6;
-      float m[4], y[6];
-      if (pl) {
-        soft_patterns(pl + lg, pn ? pn + lg : nullptr, scale, inv_tau, y);
-        mask_of(y, m);
-      } else {
-        for (int j = 0; j < 4; ++j) m[j] = pk[base + j] ? 1.f : 0.f;
-      }
-      const float t = tile_value(pt, C, tr, 4 * g, tile_cols);
-      float dm[4];
-      float dt = 0.f;
-      for (int j = 0; j < 4; ++j) {
-        const float wj = w[base + j];
-        const float mj = t + (1.f - t) * m[j];
-        const float dout = go[base + j] + extra * wj * mj;
-        const float dM = dout * wj;
-        dt += dM * (1.f - m[j]);
-        dm[j] = dM * (1.f - t);
-      }
-      if (gt) gt[i * C + (4 * g) / tile_cols] += dt;
-      if (gl) {
-        float dy[6];
-        float dot = 0.f;
-        for (int k = 0; k < 6; ++k) {
-          dy[k] = dm[kA[k]] + dm[kB[k]];
-          dot += y[k] * dy[k];
+    const int64_t groups_per_tile = tile_cols / 4;
+    for (int64_t g0 = 0; g0 < G; g0 += groups_per_tile) {  // one tile column at a time
+      const int64_t g1 = g0 + groups_per_tile < G ? g0 + groups_per_tile : G;
+      const float t = tile_value(pt, C, tr, 4 * g0, tile_cols);
+      float dt_seg = 0.f;
+#pragma omp simd reduction(+ : dt_seg)
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t base = i * in_f + 4 * g;
+        const int64_t lg = (i * G + g) * 6;
+        float m[4], y[6];
+        if (pl) {
+          soft_patterns(pl + lg, pn ? pn + lg : nullptr, scale, inv_tau, y);
+          mask_of(y, m);
+        } else {
+          for (int j = 0; j < 4; ++j) m[j] = pk[base + j] ? 1.f : 0.f;
         }
-        for (int k = 0; k < 6; ++k) gl[lg + k] = y[k] * (dy[k] - dot) * logit_scale;
+        float dm[4];
+        for (int j = 0; j < 4; ++j) {
+          const float wj = w[base + j];
+          const float mj = t + (1.f - t) * m[j];
+          const float dM = (go[base + j] + extra * wj * mj) * wj;
+          dt_seg += dM * (1.f - m[j]);
+          dm[j] = dM * (1.f - t);
+        }
+        if (gl) {
+          float dy[6];
+          float dot = 0.f;
+          for (int k = 0; k < 6; ++k) {
+            dy[k] = dm[kA[k]] + dm[kB[k]];
+            dot += y[k] * dy[k];
+          }
+          for (int k = 0; k < 6; ++k) gl[lg + k] = y[k] * (dy[k] - dot) * logit_scale;
+        }
       }
+      if (gt) gt[i * C + g0 / groups_per_tile] = dt_seg;
     }
   }
   return {grad_logits, grad_tiles};
