@@ -28,7 +28,7 @@ def magnitude_prior(model: nn.Module, sparsity: float, tile: tuple[int, int],
         grid = TileGrid.for_weight(scores, tile)
         kept = unstructured_mask_from_scores(scores, sparsity).float()  # one threshold per layer
         tile_scores = grid.reduce_sum(kept) / grid.tile_numel()        # (R, C) fraction kept
-        prior[name] = LayerPrior(nm_mask_from_scores(scores), tile_scores, (grid.rows, grid.cols))
+        prior[name] = LayerPrior(nm_mask_from_scores(scores), tile_scores, tuple(tile))
     return prior
 
 
