@@ -144,3 +144,20 @@ def test_resume_refuses_other_settings(tiny_model, tiny_tokenizer, tmp_path):
 def test_bad_windows_are_refused(tiny_model):
     with pytest.raises(PatchsparseError, match="training windows"):
         learn_masks(tiny_model, torch.zeros(4, 8, dtype=torch.long), tiny_config(), tiny_prior(tiny_model))
+
+
+def test_resume_before_the_first_checkpoint_starts_from_the_saved_prior(tiny_tokenizer, tmp_path):
+    config = tiny_config("patch-tile", steps=3, checkpoint_every=2)
+    expected = _uninterrupted(tiny_tokenizer, config, tmp_path / "full")
+
+    def stop(step, metrics):
+        raise KeyboardInterrupt
+
+    model = build_tiny_llama(len(tiny_tokenizer))
+    with pytest.raises(KeyboardInterrupt):
+        learn_masks(model, tiny_windows(len(tiny_tokenizer)), config, tiny_prior(model), tmp_path / "cut", on_step_end=stop)
+    assert not (tmp_path / "cut" / CHECKPOINT_FILE).exists()
+    result = learn_masks(build_tiny_llama(len(tiny_tokenizer)), tiny_windows(len(tiny_tokenizer)), config, None,
+                         tmp_path / "cut", resume=True)
+    assert result.resumed_from is None and result.steps_run == 3
+    _assert_same_logits(_logits(result), expected)

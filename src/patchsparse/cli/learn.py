@@ -23,7 +23,7 @@ from patchsparse.learn.config import MODES, LearnConfig, LinearSchedule, replace
 from patchsparse.learn.masked import remove_masks
 from patchsparse.learn.presets import PRESETS, preset_config
 from patchsparse.learn.priors import PRIOR_METHODS, build_prior
-from patchsparse.learn.trainer import CHECKPOINT_FILE, PRIOR_FILE, learn_masks
+from patchsparse.learn.trainer import PRIOR_FILE, learn_masks
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
 from patchsparse.masks.tiles import TileGrid
 from patchsparse.models import LayerSelection, load_model
@@ -169,8 +169,9 @@ def run_learn(args: argparse.Namespace) -> int:
                 figures.setdefault("perplexity", {})[label] = masked_perplexity(model, spec, eval_windows, label)
                 figures.setdefault("prior_sparsity", {})[label] = spec.sparsity()
 
-    result = learn_masks(model, windows, config, prior, args.out,
-                         resume=args.resume and (args.out / CHECKPOINT_FILE).is_file())
+    # with --resume, learn_masks continues from the checkpoint, or (killed before the first one)
+    # starts afresh from the saved prior
+    result = learn_masks(model, windows, config, prior, args.out, resume=args.resume)
     spec = extract_masks(model, args.policy, config.mask.sparsity, config.mask.mode,
                          metadata={"prior": args.prior, "preset": args.preset})
     remove_masks(model)
