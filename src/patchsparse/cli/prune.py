@@ -74,6 +74,8 @@ def pattern_of(args: argparse.Namespace) -> PrunePattern:
         if args.sparsity is None:
             raise PatchsparseError("--tile needs --sparsity in [0, 0.5]")
         check_hybrid_sparsity(args.sparsity)
+    if args.method == "sparsegpt":
+        SparseGPTOptions(damp=args.damp, blocksize=args.blocksize).check(pattern)
     if args.calib_windows < 1:
         raise PatchsparseError(f"--calib-windows must be at least 1, got {args.calib_windows}")
     if args.eval_windows < 1:
