@@ -3,10 +3,17 @@ import json
 import pytest
 import torch
 
+from patchsparse.cli.evaluate import eval_windows
 from patchsparse.cli.main import main
+from patchsparse.evaluate import evaluate_perplexity
+from patchsparse.io.maskfile import save_mask_spec
+from patchsparse.models import load_model
 from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate.local_tasks import MC_TASK, PPL_TASK, build_mc_items
 from patchsparse.evaluate.zeroshot import PAPER_TASKS, parse_task_list, run_zeroshot
+
+from tests.conftest import build_tiny_llama
+from tests.io.masks_for_tests import hybrid_spec
 
 pytest.importorskip("lm_eval")
 
@@ -86,3 +93,29 @@ def test_cli_eval_tasks_writes_record(tiny_model_dir, tmp_path, capsys):
     figures = json.loads(out.read_text())["figures"]
     assert figures["tasks"][MC_TASK]["samples"] == 2
     assert 0.0 <= figures["average_acc"] <= 1.0 and figures["lm_eval_version"] == "0.4.13"
+
+
+def test_cli_eval_applies_mask_directory(tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    base = load_model(str(tiny_model_dir), device="cpu")
+    spec = hybrid_spec(base.model)
+    save_mask_spec(spec, tmp_path / "masks", base_model=base.model)
+    _, windows = eval_windows(base, str(tiny_text_file), 32, 2)
+    dense = evaluate_perplexity(base.model, windows).perplexity
+    spec.apply_(base.model)
+    masked = evaluate_perplexity(base.model, windows).perplexity
+    assert masked != dense
+    out = tmp_path / "r.json"
+    code = main(["eval", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(tiny_text_file),
+                 "--seqlen", "32", "--max-windows", "2", "--masks", str(tmp_path / "masks"), "--json", str(out)])
+    assert code == 0 and "applied masks" in capsys.readouterr().out
+    figures = json.loads(out.read_text())["figures"]
+    assert figures["perplexity"] == pytest.approx(masked, rel=1e-6)
+    assert figures["masks"]["sparsity"] == pytest.approx(spec.sparsity())
+    # Masks made for another model are refused with one line, before evaluation.
+    other = tmp_path / "other"
+    model2 = build_tiny_llama(base.model.config.vocab_size, seed=1)
+    save_mask_spec(hybrid_spec(model2), other, base_model=model2)
+    code = main(["eval", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(tiny_text_file),
+                 "--seqlen", "32", "--masks", str(other)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "different weights" in err and len(err.splitlines()) == 1

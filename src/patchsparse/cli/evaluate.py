@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
+from typing import Any
 
 from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args, add_placement_args, check_seqlen,
                                     positive_int, settings_of)
@@ -35,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="zero-shot: score at most this many documents per task (for quick checks)")
     parser.add_argument("--num-fewshot", type=int, default=0, help="zero-shot: examples in context (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="zero-shot: seed of the local task builder and the harness")
+    parser.add_argument("--masks", type=Path, default=None, metavar="DIR",
+                        help="apply the masks of this mask directory (patchsparse learn/prune output) before evaluating")
     add_json_arg(parser)
     parser.set_defaults(handler=run_eval)
 
@@ -51,15 +55,36 @@ def perplexity_line(label: str, result: PerplexityResult, seconds: float) -> str
             f"({result.windows} windows of {result.seqlen}) in {seconds:.1f} s")
 
 
-def load_for_eval(args: argparse.Namespace) -> LoadedModel:
-    return load_model(args.model, dtype=args.dtype, device=args.device,
-                      device_map=args.device_map, offload_dir=args.offload_dir)
+def load_for_eval(args: argparse.Namespace) -> tuple[LoadedModel, dict[str, Any] | None]:
+    """The model to evaluate, with `--masks` applied; -> (model, what was applied)."""
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device,
+                        device_map=args.device_map, offload_dir=args.offload_dir)
+    if args.masks is None:
+        return loaded, None
+    return loaded, apply_mask_dir(loaded, args.masks)
+
+
+def apply_mask_dir(loaded: LoadedModel, directory: Path) -> dict[str, Any]:
+    """Check a mask directory against the model (names, shapes, weights fingerprint), then apply it."""
+    from patchsparse.io.maskfile import load_mask_spec
+
+    from patchsparse.models import select_linears
+
+    offloaded = [n for n, m in select_linears(loaded.model).items() if m.weight.device.type == "meta"]
+    if offloaded:
+        raise PatchsparseError(f"cannot apply masks to weights offloaded to disk (e.g. {offloaded[0]}); "
+                               "give the device map more GPU or CPU memory")
+    spec = load_mask_spec(directory, model=loaded.model)  # refuses a mismatch before anything changes
+    spec.apply_(loaded.model)
+    applied = {"directory": str(directory), "sparsity": spec.sparsity(), "layers": len(spec.layers)}
+    print(f"applied masks from {directory}: {len(spec.layers)} layers, sparsity {spec.sparsity():.4f}")
+    return applied
 
 
 def run_eval(args: argparse.Namespace) -> int:
     if args.tasks is not None:
         return run_zeroshot_eval(args)
-    loaded = load_for_eval(args)
+    loaded, masks = load_for_eval(args)
     corpus, windows = eval_windows(loaded, args.data, args.seqlen, args.max_windows)
     start = time.perf_counter()
     result = evaluate_perplexity(loaded.model, windows, batch_size=args.batch_size)
@@ -67,7 +92,8 @@ def run_eval(args: argparse.Namespace) -> int:
     print(perplexity_line(f"{loaded.identity.get('name', args.model)} on {corpus.name} (eval split)",
                           result, seconds))
     if args.json:
-        figures = {**result.as_dict(), "seconds": seconds, "corpus": corpus.name, "held_out": corpus.held_out}
+        figures = {**result.as_dict(), "seconds": seconds, "corpus": corpus.name, "held_out": corpus.held_out,
+                   "masks": masks}
         write_record(args.json, make_record("eval", settings_of(args), loaded.identity, figures))
     return 0
 
@@ -97,7 +123,7 @@ def run_zeroshot_eval(args: argparse.Namespace) -> int:
         raise PatchsparseError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
     # Only the local tasks need the corpus; load it first so bad --data fails before the model loads.
     texts = load_corpus(args.data).eval if any(t in LOCAL_TASKS for t in tasks) else ()
-    loaded = load_for_eval(args)
+    loaded, masks = load_for_eval(args)
     start = time.perf_counter()
     result = run_zeroshot(loaded.model, loaded.tokenizer, tasks, texts, limit=args.limit,
                           batch_size=args.batch_size, num_fewshot=args.num_fewshot, seed=args.seed)
@@ -108,6 +134,6 @@ def run_zeroshot_eval(args: argparse.Namespace) -> int:
     for line in zeroshot_lines(result):
         print(line)
     if args.json:
-        figures = {**result.as_dict(), "seconds": seconds}
+        figures = {**result.as_dict(), "seconds": seconds, "masks": masks}
         write_record(args.json, make_record("eval", settings_of(args), loaded.identity, figures))
     return 0
