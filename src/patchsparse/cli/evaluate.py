@@ -61,24 +61,21 @@ def load_for_eval(args: argparse.Namespace) -> tuple[LoadedModel, dict[str, Any]
                         device_map=args.device_map, offload_dir=args.offload_dir)
     if args.masks is None:
         return loaded, None
-    return loaded, apply_mask_dir(loaded, args.masks)
+    return loaded, apply_masks_for_eval(loaded, args.masks)
 
 
-def apply_mask_dir(loaded: LoadedModel, directory: Path) -> dict[str, Any]:
+def apply_masks_for_eval(loaded: LoadedModel, directory: Path) -> dict[str, Any]:
     """Check a mask directory against the model (names, shapes, weights fingerprint), then apply it."""
-    from patchsparse.io.maskfile import load_mask_spec
-
+    from patchsparse.io.maskfile import apply_mask_dir
     from patchsparse.models import select_linears
 
     offloaded = [n for n, m in select_linears(loaded.model).items() if m.weight.device.type == "meta"]
     if offloaded:
         raise PatchsparseError(f"cannot apply masks to weights offloaded to disk (e.g. {offloaded[0]}); "
                                "give the device map more GPU or CPU memory")
-    spec = load_mask_spec(directory, model=loaded.model)  # refuses a mismatch before anything changes
-    spec.apply_(loaded.model)
-    applied = {"directory": str(directory), "sparsity": spec.sparsity(), "layers": len(spec.layers)}
+    spec = apply_mask_dir(loaded.model, directory)  # every check runs before the model changes
     print(f"applied masks from {directory}: {len(spec.layers)} layers, sparsity {spec.sparsity():.4f}")
-    return applied
+    return {"directory": str(directory), "sparsity": spec.sparsity(), "layers": len(spec.layers)}
 
 
 def run_eval(args: argparse.Namespace) -> int:
