@@ -6,8 +6,7 @@ import torch
 from patchsparse.cli.main import main
 from patchsparse.data import load_corpus, sequential_windows, tokenize_texts
 from patchsparse.evaluate import evaluate_perplexity
-from patchsparse.io.maskfile import load_mask_spec
-from patchsparse.io.pruned_weights import PRUNED_WEIGHTS_FILE, load_pruned_weights
+from patchsparse.io.maskfile import WEIGHTS_TENSORS, apply_mask_dir, load_mask_spec
 from patchsparse.models import load_model
 
 BASE = ["prune", "--seqlen", "32", "--calib-windows", "4", "--device", "cpu"]
@@ -41,17 +40,19 @@ def test_prune_saves_what_reproduces_the_evaluated_model(update, tiny_model_dir,
     assert "sparsity 0.5000" in printed and "perplexity" in printed
     figures = json.loads(record.read_text())["figures"]
     assert figures["sparsity"] == pytest.approx(0.5) and figures["weights_updated"] is update
-    assert (out / PRUNED_WEIGHTS_FILE).is_file() is update
+    assert (out / WEIGHTS_TENSORS).is_file() is update
 
     def prepare(model):
-        spec = load_mask_spec(out, model=model)  # checks the fingerprint of the original weights
+        spec = apply_mask_dir(model, out)  # checks the fingerprint of the original weights
         assert spec.metadata["method"] == "sparsegpt" and spec.sparsity() == pytest.approx(0.5)
-        if update:
-            load_pruned_weights(model, out / PRUNED_WEIGHTS_FILE)
-        spec.apply_(model)
 
     reproduced = fresh_model_perplexity(tiny_model_dir, tiny_text_file, prepare)
     assert reproduced == pytest.approx(figures["perplexity"]["perplexity"], rel=1e-5)
+    # and through the CLI: `eval --masks` on the base model gives the same perplexity
+    again = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tiny_text_file), "--seqlen", "32",
+                 "--max-windows", "2", "--device", "cpu", "--masks", str(out), "--json", str(again)]) == 0
+    assert json.loads(again.read_text())["figures"]["perplexity"] == pytest.approx(reproduced, rel=1e-5)
 
 
 def test_prune_hybrid_tiles_and_overwrite(tiny_model_dir, tiny_text_file, tmp_path, capsys):
@@ -62,7 +63,7 @@ def test_prune_hybrid_tiles_and_overwrite(tiny_model_dir, tiny_text_file, tmp_pa
     spec = load_mask_spec(out)
     assert spec.sparsity() == pytest.approx(0.3, abs=0.03)
     assert all(m.tile == (16, 16) and m.dense_tiles is not None for m in spec.layers.values())
-    assert not (out / PRUNED_WEIGHTS_FILE).exists()  # Wanda keeps the original weights
+    assert not (out / WEIGHTS_TENSORS).exists()  # Wanda keeps the original weights
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
     assert main(argv + ["--overwrite", "--method", "magnitude"]) == 0
     assert load_mask_spec(out).metadata["method"] == "magnitude"

@@ -71,6 +71,8 @@ def test_round_trip_is_identical(tiny_model, tmp_path):
     assert doc["mode"] == "patch-tile" and doc["target_sparsity"] == 0.35 and doc["tile"] == [24, 20]
     assert doc["pattern"] == "2:4" and doc["training"] == {"lr": 0.01, "steps": 10}
     assert doc["achieved_sparsity"] == pytest.approx(spec.sparsity())
+    assert doc["per_projection_sparsity"] == pytest.approx(spec.per_projection_sparsity())
+    assert doc["per_block_sparsity"] == pytest.approx({str(b): v for b, v in spec.per_block_sparsity().items()})
     name = "model.layers.1.mlp.down_proj"
     assert doc["layers"][name]["shape"] == [64, 128] and doc["layers"][name]["grid"] == [3, 7]
     assert doc["layers"][name]["sparsity"] == pytest.approx(spec.layers[name].sparsity())
@@ -231,7 +233,7 @@ def test_killed_writer_leaves_no_visible_directory(tmp_path):
         import torch
         from patchsparse.io import maskfile
         from patchsparse.masks import HybridMaskSpec, LayerMask
-        spec = HybridMaskSpec({{"model.layers.0.mlp.up_proj": LayerMask(torch.ones(8, 8, dtype=torch.bool), "2:4")}})
+        spec = HybridMaskSpec({{"model.layers.0.mlp.up_proj": LayerMask(torch.ones(8, 8, dtype=torch.bool), "unstructured")}})
         real = Path.write_bytes
         def slow(self, data):
             real(self, data)
@@ -252,3 +254,41 @@ def test_killed_writer_leaves_no_visible_directory(tmp_path):
     assert not (tmp_path / "m").exists()
     leftovers = [p.name for p in tmp_path.iterdir()]
     assert all(name.startswith(".m.") and name.endswith(".partial") for name in leftovers) and leftovers
+
+
+@pytest.mark.parametrize("target", [-0.1, 0.6, "35%"])
+def test_target_outside_hybrid_range_is_refused(tiny_model, tmp_path, target):
+    spec = hybrid_spec(tiny_model, metadata={"target_sparsity": target})
+    with pytest.raises(PatchsparseError, match="target sparsity"):
+        save_mask_spec(spec, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_mask_that_breaks_its_pattern_is_refused(tiny_model, tmp_path):
+    spec = hybrid_spec(tiny_model)
+    name = next(iter(spec.layers))
+    broken = spec.layers[name].sparse_keep.clone()
+    broken[0, :4] = True  # keeps 4 of 4
+    spec.layers[name] = LayerMask(broken, "2:4", spec.layers[name].tile, spec.layers[name].dense_tiles)
+    with pytest.raises(PatchsparseError, match="not 2:4"):
+        save_mask_spec(spec, tmp_path / "m")
+
+
+@pytest.mark.parametrize("tile, grid", [((16, 16), (4, 8)), ((16, 20), (3, 7))])
+def test_tile_size_mismatch_is_refused(tiny_model, tmp_path, tile, grid):
+    """masks.json claims another tile size than the stored tile grids were made with."""
+    out = save_mask_spec(hybrid_spec(tiny_model, tile=(24, 20)), tmp_path / "m")
+    doc = json.loads((out / MASKS_JSON).read_text())
+    entry = doc["layers"]["model.layers.1.mlp.down_proj"]  # (64, 128): grid (3, 7) with 24x20 tiles
+    entry["tile"], entry["grid"] = list(tile), list(grid)
+    (out / MASKS_JSON).write_text(json.dumps(doc))
+    with pytest.raises(PatchsparseError, match="does not fit"):
+        load_mask_spec(out, tiny_model)
+
+
+def test_without_sample_another_dtype_is_refused_with_a_hint(tiny_model, tmp_path):
+    spec = hybrid_spec(tiny_model)
+    save_mask_spec(spec, tmp_path / "m", weights_fingerprint=weights_fingerprint(tiny_model, spec.layers))
+    with pytest.raises(PatchsparseError, match="in the dtype they were made in"):
+        load_mask_spec(tmp_path / "m", copy.deepcopy(tiny_model).to(torch.bfloat16))
+    assert_same_spec(spec, load_mask_spec(tmp_path / "m", tiny_model))

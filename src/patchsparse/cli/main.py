@@ -16,6 +16,9 @@ COMMAND_MODULES = (
     "patchsparse.cli.evaluate",
     "patchsparse.cli.run",
     "patchsparse.cli.prune",
+    "patchsparse.cli.apply",
+    "patchsparse.cli.export",
+    "patchsparse.cli.report",
 )
 
 

@@ -3,8 +3,9 @@
 Calibration windows are drawn (seeded) from the corpus's training split; `--eval` scores the
 pruned model on its evaluation split. `--out DIR` saves the masks (mask file); when SparseGPT's
 weight update is on, the mask alone does not reproduce the pruned model, so the updated weights
-of the masked linears are saved next to it (`pruned_weights.safetensors`). With `--no-update`
-the mask file and the base model reproduce the pruned model exactly.
+of the masked linears are saved in the same directory (`weights.safetensors`, restored by
+`apply_mask_dir` and `patchsparse eval --masks`). With `--no-update` (or magnitude / Wanda) the
+mask file and the base model reproduce the pruned model exactly.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from patchsparse.cli.evaluate import perplexity_line
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
-from patchsparse.io.atomic import atomic_directory
-from patchsparse.io.pruned_weights import PRUNED_WEIGHTS_FILE, save_pruned_weights
 from patchsparse.masks.spec import HybridMaskSpec
 from patchsparse.masks.tiles import check_tile_size
 from patchsparse.models import load_model, select_linears
@@ -89,18 +88,15 @@ def pattern_of(args: argparse.Namespace) -> PrunePattern:
 
 def save_outputs(spec: HybridMaskSpec, model: torch.nn.Module, out: Path, overwrite: bool,
                  identity: dict, settings: dict, fingerprint: str | None) -> None:
-    """Mask file, plus the reconstructed weights when they differ from the base model's; all or nothing."""
+    """Mask file, plus the reconstructed weights when they differ from the base model's (one atomic write)."""
     from patchsparse.io.maskfile import save_mask_spec
 
-    try:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            save_mask_spec(spec, tmp, identity=identity, extra=settings, weights_fingerprint=fingerprint,
-                           overwrite=True)
-            if spec.metadata.get("weights_updated"):
-                save_pruned_weights(model, list(spec.layers), tmp / PRUNED_WEIGHTS_FILE,
-                                    metadata={"note": "SparseGPT-updated weights of the masked linears"})
-    except FileExistsError:
-        raise PatchsparseError(f"output directory {out} exists; pass --overwrite to replace it") from None
+    updated = None
+    if spec.metadata.get("weights_updated"):
+        modules = dict(model.named_modules())
+        updated = {name: modules[name].weight for name in spec.layers}
+    save_mask_spec(spec, out, identity=identity, extra=settings, weights_fingerprint=fingerprint,
+                   updated_weights=updated, overwrite=overwrite)
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -139,7 +135,7 @@ def run_prune(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     if args.out is not None:
         save_outputs(spec, model, args.out, args.overwrite, loaded.identity, settings, fingerprint)
-        extra = f" and {PRUNED_WEIGHTS_FILE}" if spec.metadata["weights_updated"] else ""
+        extra = " and the updated weights" if spec.metadata["weights_updated"] else ""
         print(f"saved masks{extra} to {args.out}")
 
     figures: dict = {"sparsity": spec.sparsity(), "prune_seconds": prune_seconds,

@@ -1,6 +1,6 @@
 """Mask-only files: a `HybridMaskSpec` as bit-packed safetensors plus JSON metadata.
 
-A mask directory holds two files (see docs/FILES.md for the full schema):
+A mask directory holds these files (see docs/FILES.md for the full schema):
 
 - `masks.safetensors`: per masked layer, `sparse_keep/<layer>` and `dense_tiles/<layer>` packed
   8 booleans per uint8 (about 1/32 of the layer's fp32 weights), and optionally
@@ -8,7 +8,9 @@ A mask directory holds two files (see docs/FILES.md for the full schema):
   model across dtypes;
 - `masks.json`: schema version, base model identity and weights fingerprint, tile size, mode,
   pattern, target and achieved sparsity, per-layer shapes and statistics, training settings,
-  package version, and the sha256 of `masks.safetensors`.
+  package version, and the sha256 of `masks.safetensors`;
+- optionally `weights.safetensors`: updated weights of the masked linears, for pruners that
+  change the kept weights (SparseGPT); checksummed in masks.json like the masks.
 
 Loading verifies the checksum before parsing any tensor and, given a model, checks shapes and the
 fingerprint before anything is applied, so a corrupt file or the wrong model never changes a
@@ -29,12 +31,17 @@ import torch.nn as nn
 from patchsparse import __version__
 from patchsparse.errors import PatchsparseError
 from patchsparse.io.atomic import atomic_directory
+from patchsparse.masks.patterns import is_nm
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
+from patchsparse.prior.tile_prior import check_hybrid_sparsity
 
 FORMAT_NAME = "patchsparse-masks"
 SCHEMA_VERSION = 1
 MASKS_JSON = "masks.json"
 MASKS_TENSORS = "masks.safetensors"
+# Optional: new values of the masked linears' weights (e.g. SparseGPT's weight update), keyed
+# "<layer>.weight" like a state dict. Applied before the masks.
+WEIGHTS_TENSORS = "weights.safetensors"
 
 # Values sampled per layer for the fingerprint: enough to tell models apart, cheap on a 7B model.
 SAMPLE_PER_LAYER = 256
@@ -132,21 +139,49 @@ def _json_ready(value: Any, what: str) -> Any:
         raise PatchsparseError(f"{what} must be JSON-serialisable: {exc}") from exc
 
 
-def _layer_entry(mask: LayerMask) -> dict[str, Any]:
+def _layer_entry(mask: LayerMask, kept: int) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "shape": list(mask.shape),
         "pattern": mask.pattern,
         "tile": list(mask.tile) if mask.tile is not None else None,
         "grid": list(mask.grid.shape) if mask.tile is not None else None,
-        "kept": mask.kept(),
+        "kept": kept,
         "numel": mask.numel(),
-        "sparsity": mask.sparsity(),
+        "sparsity": 1.0 - kept / mask.numel(),
         "dense_tile_fraction": mask.dense_tile_fraction(),
     }
     if mask.dense_tiles is not None:
         entry["dense_tiles"] = int(mask.dense_tiles.sum())
         entry["tiles"] = mask.dense_tiles.numel()
     return entry
+
+
+def _grouped_sparsity(kept: dict[str, int], numel: dict[str, int], key) -> dict[Any, float]:
+    """Sparsity of groups of layers (weighted by size); `key` maps a layer name to its group."""
+    totals: dict[Any, list[int]] = {}
+    for name in kept:
+        group = totals.setdefault(key(name), [0, 0])
+        group[0] += kept[name]
+        group[1] += numel[name]
+    return {g: 1.0 - k / t for g, (k, t) in totals.items()}
+
+
+def check_consistent(spec: HybridMaskSpec) -> None:
+    """Refuse a spec whose sparse tiles break their declared pattern or whose target is out of range."""
+    for name, mask in spec.layers.items():
+        if ":" in mask.pattern:
+            n, m = (int(x) for x in mask.pattern.split(":"))
+            if mask.shape[1] % m or not is_nm(mask.sparse_keep, n, m):
+                raise PatchsparseError(f"layer '{name}': the keep-mask of sparse tiles is not {mask.pattern}")
+    target = spec.metadata.get("target_sparsity")
+    if target is None:
+        return
+    if not isinstance(target, (int, float)) or isinstance(target, bool):
+        raise PatchsparseError(f"target sparsity {target!r} is not a number")
+    if all(m.pattern == "2:4" for m in spec.layers.values()):
+        check_hybrid_sparsity(float(target))
+    elif not 0.0 <= target < 1.0:
+        raise PatchsparseError(f"target sparsity {target} is outside [0, 1)")
 
 
 def _common(values: list[Any]) -> Any:
@@ -165,7 +200,8 @@ def mask_tensors(spec: HybridMaskSpec) -> dict[str, torch.Tensor]:
 
 def save_mask_spec(spec: HybridMaskSpec, directory: str | Path, *, identity: dict | None = None,
                    extra: dict | None = None, weights_fingerprint: str | None = None,
-                   base_model: nn.Module | None = None, overwrite: bool = False) -> Path:
+                   base_model: nn.Module | None = None, updated_weights: dict[str, torch.Tensor] | None = None,
+                   overwrite: bool = False) -> Path:
     """Write `spec` to `directory` atomically and return its path.
 
     identity: the base model's identity (`LoadedModel.identity`: name, revision, …).
@@ -174,6 +210,8 @@ def save_mask_spec(spec: HybridMaskSpec, directory: str | Path, *, identity: dic
     base_model: alternatively the unmasked base model itself; then the fingerprint is computed
         here and a small weight sample is stored too, so the masks are recognised on the same
         model loaded in another dtype.
+    updated_weights: layer name -> new weight (out, in) of masked layers whose kept weights the
+        pruner changed; stored in weights.safetensors and restored by `apply_mask_dir`.
     overwrite: replace an existing directory; without it an existing one is refused.
     """
     from safetensors.torch import save as save_tensors
@@ -186,6 +224,7 @@ def save_mask_spec(spec: HybridMaskSpec, directory: str | Path, *, identity: dic
     if directory.exists() and not directory.is_dir():
         raise PatchsparseError(f"output path {directory} exists and is not a directory")
 
+    check_consistent(spec)
     tensors = mask_tensors(spec)
     sample_dtype = None
     if base_model is not None:
@@ -199,10 +238,24 @@ def save_mask_spec(spec: HybridMaskSpec, directory: str | Path, *, identity: dic
         sample_dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
         tensors.update({f"weights_sample/{name}": s for name, s in samples.items()})
     payload = save_tensors(tensors, metadata={"format": FORMAT_NAME, "schema_version": str(SCHEMA_VERSION)})
+    files = {MASKS_TENSORS: {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}}
+    weights_payload = None
+    if updated_weights:
+        for name, weight in updated_weights.items():
+            if name not in spec.layers or tuple(weight.shape) != spec.layers[name].shape:
+                raise PatchsparseError(f"updated weight for '{name}' matches no masked layer of the same shape")
+        weights_payload = save_tensors({f"{name}.weight": w.detach().to("cpu").contiguous()
+                                        for name, w in updated_weights.items()})
+        files[WEIGHTS_TENSORS] = {"sha256": hashlib.sha256(weights_payload).hexdigest(),
+                                  "bytes": len(weights_payload), "layers": sorted(updated_weights)}
+
+    from patchsparse.models.layers import block_index, projection_type
 
     layers = spec.layers
     metadata = _json_ready(spec.metadata, "mask metadata")
-    kept, total = spec.kept_and_total()
+    kept_of = {name: mask.kept() for name, mask in layers.items()}  # the costly count, once per layer
+    numel_of = {name: mask.numel() for name, mask in layers.items()}
+    kept, total = sum(kept_of.values()), sum(numel_of.values())
     document = {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
@@ -218,19 +271,22 @@ def save_mask_spec(spec: HybridMaskSpec, directory: str | Path, *, identity: dic
         "pattern": _common([m.pattern for m in layers.values()]),
         "tile": _common([list(m.tile) if m.tile else None for m in layers.values()]),
         "target_sparsity": metadata.get("target_sparsity"),
-        "achieved_sparsity": spec.sparsity(),
+        "achieved_sparsity": 1.0 - kept / total,
         "kept": kept,
         "masked_weights": total,
-        "per_projection_sparsity": spec.per_projection_sparsity(),
-        "per_block_sparsity": {str(b): s for b, s in spec.per_block_sparsity().items()},
+        "per_projection_sparsity": _grouped_sparsity(kept_of, numel_of, projection_type),
+        "per_block_sparsity": {str(b): v for b, v in
+                               sorted(_grouped_sparsity(kept_of, numel_of, block_index).items())},
         "training": _json_ready(extra or {}, "extra settings"),
         "metadata": metadata,
-        "layers": {name: _layer_entry(mask) for name, mask in layers.items()},
-        "files": {MASKS_TENSORS: {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}},
+        "layers": {name: _layer_entry(mask, kept_of[name]) for name, mask in layers.items()},
+        "files": files,
     }
     try:
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             (tmp / MASKS_TENSORS).write_bytes(payload)
+            if weights_payload is not None:
+                (tmp / WEIGHTS_TENSORS).write_bytes(weights_payload)
             (tmp / MASKS_JSON).write_text(json.dumps(document, indent=2) + "\n")
     except FileExistsError:  # created by someone else while we were writing
         raise PatchsparseError(f"output directory {directory} exists; pass --overwrite to replace it") from None
@@ -260,14 +316,15 @@ def read_mask_document(directory: str | Path) -> dict[str, Any]:
     return document
 
 
-def _read_verified_tensors(directory: Path, document: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _read_verified_tensors(directory: Path, document: dict[str, Any],
+                           file_name: str = MASKS_TENSORS) -> dict[str, torch.Tensor]:
     from safetensors.torch import load as load_tensors
 
-    path = directory / MASKS_TENSORS
+    path = directory / file_name
     if not path.is_file():
-        raise PatchsparseError(f"{directory} is not a complete mask directory: {MASKS_TENSORS} is missing")
+        raise PatchsparseError(f"{directory} is not a complete mask directory: {file_name} is missing")
     payload = path.read_bytes()  # hash and parse the same bytes
-    expected = document.get("files", {}).get(MASKS_TENSORS, {})
+    expected = document.get("files", {}).get(file_name, {})
     if hashlib.sha256(payload).hexdigest() != expected.get("sha256"):
         raise PatchsparseError(
             f"{path} is corrupt or truncated: its sha256 does not match {MASKS_JSON} "
@@ -318,9 +375,12 @@ def check_fingerprint(document: dict[str, Any], tensors: dict[str, torch.Tensor]
             for n in names):
         return
     label = base.get("name") or base.get("spec") or "another model"
+    hint = "Load the base model the masks were made for"
+    if not any(key.startswith("weights_sample/") for key in tensors):
+        hint += " (in the dtype they were made in: this file holds no weight sample to compare across dtypes)"
     raise PatchsparseError(
         f"these masks were made for {label} (weights fingerprint {expected[:12]}…); this model's masked "
-        f"layers have different weights. Load the base model the masks were made for")
+        f"layers have different weights. {hint}")
 
 
 def load_mask_spec(directory: str | Path, model: nn.Module | None = None) -> HybridMaskSpec:
@@ -338,7 +398,40 @@ def load_mask_spec(directory: str | Path, model: nn.Module | None = None) -> Hyb
         raise PatchsparseError(f"{directory / MASKS_JSON} lists no layers")
     layers = {name: _layer_from_entry(name, entry, tensors) for name, entry in entries.items()}
     spec = HybridMaskSpec(layers=layers, metadata=document.get("metadata") or {})
+    check_consistent(spec)
     if model is not None:
         spec.check_matches(model)
         check_fingerprint(document, tensors, model, list(layers))
+    return spec
+
+
+def load_updated_weights(directory: str | Path, spec: HybridMaskSpec) -> dict[str, torch.Tensor]:
+    """The updated weights stored beside the masks (empty when there are none), checksum verified."""
+    directory = Path(directory)
+    document = read_mask_document(directory)
+    if WEIGHTS_TENSORS not in document.get("files", {}):
+        return {}
+    tensors = _read_verified_tensors(directory, document, WEIGHTS_TENSORS)
+    weights = {}
+    for key, weight in tensors.items():
+        name = key.removesuffix(".weight")
+        if name not in spec.layers or tuple(weight.shape) != spec.layers[name].shape:
+            raise PatchsparseError(f"{WEIGHTS_TENSORS}: '{key}' matches no masked layer of the same shape")
+        weights[name] = weight
+    return weights
+
+
+@torch.no_grad()
+def apply_mask_dir(model: nn.Module, directory: str | Path) -> HybridMaskSpec:
+    """Load a mask directory and apply it to `model` in place; every check runs before any change.
+
+    Checks: checksums, layer names and shapes, the weights fingerprint. Stored updated weights (if
+    any) replace the masked layers' weights, then pruned weights are zeroed.
+    """
+    spec = load_mask_spec(directory, model)
+    updated = load_updated_weights(directory, spec)
+    linears = spec.check_matches(model)
+    for name, weight in updated.items():
+        linears[name].weight.copy_(weight.to(linears[name].weight.dtype))
+    spec.apply_(model)
     return spec
