@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "patchsparse.cli.evaluate",
     "patchsparse.cli.run",
     "patchsparse.cli.prune",
+    "patchsparse.cli.learn",
     "patchsparse.cli.apply",
     "patchsparse.cli.export",
     "patchsparse.cli.report",

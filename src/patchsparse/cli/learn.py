@@ -1,0 +1,198 @@
+"""`patchsparse learn`: train MaskLLM / PATCH-Tile / PATCH-Joint masks and save the hard masks.
+
+The output directory holds `masks/` (the extracted `HybridMaskSpec`), `metrics.jsonl` (one line
+per step), `run.json`, `prior.pt` and `checkpoint.pt` (for `--resume`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from patchsparse.cli.common import add_data_args, add_json_arg, add_model_args, check_seqlen, positive_int, settings_of
+from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
+from patchsparse.data.windows import shuffled_blocks
+from patchsparse.errors import PatchsparseError
+from patchsparse.evaluate import evaluate_perplexity
+from patchsparse.extract import POLICIES, extract_masks, extraction_report
+from patchsparse.learn.config import MODES, LearnConfig, LinearSchedule, replace
+from patchsparse.learn.masked import remove_masks
+from patchsparse.learn.presets import PRESETS, preset_config
+from patchsparse.learn.priors import PRIOR_METHODS, build_prior
+from patchsparse.learn.trainer import PRIOR_FILE, learn_masks
+from patchsparse.masks.spec import HybridMaskSpec, LayerMask
+from patchsparse.masks.tiles import TileGrid
+from patchsparse.models import LayerSelection, load_model
+from patchsparse.prior.tile_prior import initial_dense_tiles
+from patchsparse.prior.types import PriorMasks
+from patchsparse.records import make_record, write_record
+from patchsparse.utils import log
+
+MASKS_DIR = "masks"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("learn", help="learn hybrid dense/2:4 masks (maskllm, patch-tile, patch-joint)")
+    add_model_args(p)
+    add_data_args(p, seqlen=None)
+    p.add_argument("--mode", choices=MODES, default="patch-tile")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="target sparsity in [0, 0.5] (default: 0.35; maskllm: 0.5)")
+    p.add_argument("--tile", type=int, nargs=2, metavar=("R", "C"), default=None, help="tile size (default 128 128)")
+    p.add_argument("--prior", choices=PRIOR_METHODS, default="magnitude", help="one-shot pruner for the prior")
+    p.add_argument("--calib-windows", type=positive_int, default=32, help="calibration windows for the prior")
+    p.add_argument("--preset", choices=PRESETS, default="cpu",
+                   help="cpu: a few dozen steps for the default model on a CPU; paper: the published recipe")
+    g = p.add_argument_group("overrides of the preset")
+    g.add_argument("--steps", type=positive_int)
+    g.add_argument("--batch", type=positive_int, help="windows per micro-batch")
+    g.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--warmup", type=int, dest="warmup_steps")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--sparse-reg", type=float, help="λ_s")
+    g.add_argument("--weight-reg", type=float, help="λ_w")
+    g.add_argument("--density-scope", choices=("global", "layer", "block"))
+    g.add_argument("--tau-nm", type=float, nargs=2, metavar=("START", "END"))
+    g.add_argument("--kappa-nm", type=float, nargs=2, metavar=("START", "END"))
+    g.add_argument("--tau-tile", type=float, nargs=2, metavar=("START", "END"))
+    g.add_argument("--kappa-tile", type=float, nargs=2, metavar=("START", "END"))
+    g.add_argument("--prior-strength", type=float, help="α of both priors")
+    g.add_argument("--hard", action="store_true", default=None, help="straight-through hard samples (2:4 and tiles)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--checkpoint-every", type=int)
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--include", nargs="+", default=None, help="regexes of layer names to mask (default: all decoder linears)")
+    p.add_argument("--exclude", nargs="+", default=(), help="regexes of layer names never masked")
+    p.add_argument("--policy", choices=POLICIES, default="exact", help="how hard tiles are extracted")
+    p.add_argument("--eval-windows", type=int, default=16,
+                   help="perplexity windows of the eval split for prior vs learned masks (0: skip)")
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_json_arg(p)
+    p.set_defaults(handler=run_learn)
+
+
+def config_from_args(args: argparse.Namespace) -> LearnConfig:
+    sparsity = args.sparsity if args.sparsity is not None else (0.5 if args.mode == "maskllm" else 0.35)
+    config = preset_config(args.preset, args.mode, sparsity)
+    selection = LayerSelection(tuple(args.include) if args.include else (r".*",), tuple(args.exclude))
+    mask = replace(config.mask, tile=tuple(args.tile) if args.tile else None, selection=selection,
+                   prior_strength_nm=args.prior_strength, prior_strength_tile=args.prior_strength,
+                   hard_nm=args.hard, hard_tile=args.hard)
+    schedules = {name: LinearSchedule(*getattr(args, name)) for name in ("tau_nm", "kappa_nm", "tau_tile", "kappa_tile")
+                 if getattr(args, name) is not None}
+    sampling = replace(config.sampling, **schedules)
+    objective = replace(config.objective, sparse_reg=args.sparse_reg, weight_reg=args.weight_reg,
+                        density_scope=args.density_scope)
+    optim = replace(config.optim, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay)
+    train = replace(config.train, steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum,
+                    seqlen=args.seqlen, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                    activation_checkpointing=args.activation_checkpointing)
+    config = LearnConfig(mask, sampling, objective, optim, train)
+    config.check()
+    return config
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise PatchsparseError(f"--out {out} exists and is not a directory")
+    if resume:
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise PatchsparseError(f"--out {out} exists; pass --overwrite to replace it or --resume to continue it")
+        shutil.rmtree(out)
+
+
+def prior_spec(prior: PriorMasks, config: LearnConfig) -> dict[str, HybridMaskSpec]:
+    """The masks learning starts from: the 2:4 prior, and (patch modes) with the prior's dense tiles."""
+    specs = {"prior 2:4": HybridMaskSpec({n: LayerMask(p.nm_keep.cpu(), "2:4") for n, p in prior.items()})}
+    if config.mask.learns_tiles and all(p.tile_scores is not None for p in prior.values()):
+        layers = {}
+        for name, p in prior.items():
+            grid = TileGrid.for_weight(p.nm_keep, config.mask.tile)
+            dense = initial_dense_tiles(p.tile_scores.cpu(), grid, config.mask.sparsity)
+            layers[name] = LayerMask(p.nm_keep.cpu(), "2:4", (grid.rows, grid.cols), dense)
+        specs["prior hybrid (start)"] = HybridMaskSpec(layers)
+    return specs
+
+
+def masked_perplexity(model: torch.nn.Module, spec: HybridMaskSpec | None, windows: torch.Tensor, desc: str) -> float:
+    """Perplexity with `spec` applied; the weights are restored afterwards."""
+    saved = {}
+    if spec is not None:
+        for name, module in spec.check_matches(model).items():
+            saved[name] = module.weight.detach().clone()
+        spec.apply_(model)
+    try:
+        return evaluate_perplexity(model, windows, desc=desc).perplexity
+    finally:
+        with torch.no_grad():
+            modules = dict(model.named_modules())
+            for name, weight in saved.items():
+                modules[name].weight.copy_(weight)
+
+
+def run_learn(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    prepare_out_dir(args.out, args.resume, args.overwrite)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = loaded.model
+    check_seqlen(config.train.seqlen, loaded.max_positions)
+    corpus = load_corpus(args.data)
+    train_ids = tokenize_texts(loaded.tokenizer, corpus.train)
+    windows = shuffled_blocks(train_ids, config.train.seqlen, config.train.seed)
+    device = next(model.parameters()).device
+
+    prior = None
+    if not (args.resume and (args.out / PRIOR_FILE).is_file()):
+        start = time.perf_counter()
+        calib = random_windows(train_ids, args.calib_windows, config.train.seqlen, config.train.seed).to(device)
+        prior = build_prior(model, calib, args.prior, config.mask.sparsity, config.mask.tile, config.mask.selection)
+        log(f"{args.prior} prior computed in {time.perf_counter() - start:.1f} s")
+
+    figures: dict = {}
+    eval_windows = None
+    if args.eval_windows > 0:
+        check_seqlen(args.eval_seqlen, loaded.max_positions)
+        eval_windows = sequential_windows(tokenize_texts(loaded.tokenizer, corpus.eval), args.eval_seqlen,
+                                          args.eval_windows)
+        if prior is not None:
+            for label, spec in prior_spec(prior, config).items():
+                figures.setdefault("perplexity", {})[label] = masked_perplexity(model, spec, eval_windows, label)
+                figures.setdefault("prior_sparsity", {})[label] = spec.sparsity()
+
+    # with --resume, learn_masks continues from the checkpoint, or (killed before the first one)
+    # starts afresh from the saved prior
+    result = learn_masks(model, windows, config, prior, args.out, resume=args.resume)
+    spec = extract_masks(model, args.policy, config.mask.sparsity, config.mask.mode,
+                         metadata={"prior": args.prior, "preset": args.preset})
+    remove_masks(model)
+    report = extraction_report(spec)
+
+    from patchsparse.io.maskfile import save_mask_spec
+
+    save_mask_spec(spec, args.out / MASKS_DIR, identity=loaded.identity, base_model=model, overwrite=True,
+                   extra={"learn_config": config.to_dict(), "steps_run": result.steps_run,
+                          "last_metrics": result.last_metrics})
+    if eval_windows is not None:
+        figures.setdefault("perplexity", {})["learned"] = masked_perplexity(model, spec, eval_windows, "learned")
+
+    print(f"{config.mask.mode}: {config.train.steps} steps ({result.steps_run} run here) in {result.seconds:.1f} s; "
+          f"masks in {args.out / MASKS_DIR}")
+    print(f"sparsity ({report.policy}): {report.sparsity:.4f} (target {config.mask.sparsity}); per projection: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in report.per_projection.items()))
+    for label, ppl in figures.get("perplexity", {}).items():
+        print(f"perplexity {label}: {ppl:.3f}")
+    if args.json:
+        figures.update({"extraction": report.as_dict(), "seconds": result.seconds, "steps_run": result.steps_run,
+                        "last_metrics": result.last_metrics, "config": config.to_dict()})
+        write_record(args.json, make_record("learn", settings_of(args), loaded.identity, figures))
+    return 0

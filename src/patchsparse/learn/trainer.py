@@ -1,0 +1,335 @@
+"""The mask-learning loop: `learn_masks(model, windows, config, prior, out_dir, resume)`.
+
+Why a loop of our own rather than HF `Trainer` or accelerate: only the mask logits train, the
+objective has terms that are not the model's loss (one of them injected per layer), schedules are
+pure functions of the step, and a resumed run must reproduce an uninterrupted one bit for bit.
+The HF Trainer would need a subclassed `compute_loss`, callbacks for τ/κ, and its own
+checkpoint format and data sampler state (the published code's loss scaling even changes with the
+transformers version, method.md §9.8); the loop below is about a hundred lines and owns all of it.
+
+Every optimizer step t (0 … T−1):
+  1. the sampler takes τ_t, κ_t, the R_w coefficient and the noise stream of step t (one noise
+     sample per optimizer step, shared by its micro-batches);
+  2. each of the `grad_accum` micro-batches adds ∇(L_LM / grad_accum) (and each layer its R_w
+     term) to the logits' gradients;
+  3. the sparsity regulariser λ_s·R_s is computed once from the tile values (exact, tiny);
+  4. gradients are clipped, AdamW steps with the cosine learning rate of step t.
+Data for step t are the windows (t·a + j)·B … in the given order, cycling when exhausted.
+
+Checkpoints (every K steps and at the end) hold the logits, the optimizer state, the step and the
+RNG states, written atomically; `resume=True` loads the last one and continues, and the saved
+prior is reused, so an interrupted run ends with exactly the masks of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from patchsparse.errors import PatchsparseError
+from patchsparse.io.atomic import atomic_write_text
+from patchsparse.learn.config import LearnConfig, TrainConfig
+from patchsparse.learn.masked import HARD, SAMPLE, MaskedModel, attach_masks
+from patchsparse.learn.objective import sparsity_regulariser, weight_magnitude_ratio
+from patchsparse.learn.schedules import cosine_lr
+from patchsparse.masks.tiles import TileGrid
+from patchsparse.models.layers import block_index
+from patchsparse.prior.types import LayerPrior, PriorMasks
+from patchsparse.utils import log, progress
+
+CHECKPOINT_FILE = "checkpoint.pt"
+PRIOR_FILE = "prior.pt"
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LearnResult:
+    masked: MaskedModel            # the masks, still attached to the model
+    config: LearnConfig
+    steps_run: int                 # optimizer steps run by this call (0 when resuming a finished run)
+    resumed_from: int | None       # step the run resumed at, if it did
+    seconds: float
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a temporary sibling and one rename: the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_prior(prior: PriorMasks, path: Path) -> None:
+    """The prior a run started from, bit-packed, so a resumed run needs no pruner."""
+    data = {}
+    for name, layer in prior.items():
+        keep = layer.nm_keep.detach().cpu()
+        data[name] = {"shape": tuple(keep.shape), "nm_keep": torch.from_numpy(np.packbits(keep.numpy().reshape(-1))),
+                      "tile_scores": None if layer.tile_scores is None else layer.tile_scores.detach().cpu(),
+                      "tile": None if layer.tile is None else tuple(layer.tile)}
+    atomic_torch_save(data, path)
+
+
+def load_prior(path: Path) -> PriorMasks:
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    prior = {}
+    for name, d in data.items():
+        n = d["shape"][0] * d["shape"][1]
+        keep = torch.from_numpy(np.unpackbits(d["nm_keep"].numpy())[:n].astype(bool)).view(*d["shape"])
+        prior[name] = LayerPrior(keep, d["tile_scores"], d["tile"])
+    return prior
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _normalised(config_dict: dict) -> str:
+    return json.dumps(config_dict, sort_keys=True, default=list)
+
+
+def _check_same_run(saved: dict, config: LearnConfig, layers: dict[str, list[int]]) -> None:
+    if _normalised(saved["config"]) != _normalised(config.to_dict()):
+        a, b = json.loads(_normalised(saved["config"])), json.loads(_normalised(config.to_dict()))
+        diffs = [f"{part}.{k}" for part in a for k in a[part] if a[part].get(k) != b.get(part, {}).get(k)]
+        raise PatchsparseError(f"cannot resume: the checkpoint was made with different settings ({', '.join(diffs) or 'config'})")
+    if saved["layers"] != layers:
+        raise PatchsparseError("cannot resume: the checkpoint was made for other layers or another model")
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+def _hard_density(masked: MaskedModel) -> float:
+    """Density of the threshold-extracted masks (tile dense where ℓ > 0), counted by weights."""
+    kept = 0.0
+    for m in masked.masks.values():
+        if m.tile_logits is None:
+            kept += 0.5 * m.numel
+        else:
+            dense = (m.tile_logits.detach() > 0).float()
+            kept += float((m.tile_numel * (m.sparse_density + (1 - m.sparse_density) * dense)).sum())
+    return kept / masked.numel()
+
+
+def _block_densities(masked: MaskedModel) -> dict[str, float]:
+    kept: dict[int, float] = {}
+    total: dict[int, int] = {}
+    with torch.no_grad():
+        for name, m in masked.masks.items():
+            b = block_index(name)
+            kept[b] = kept.get(b, 0.0) + float(m.soft_kept())
+            total[b] = total.get(b, 0) + m.numel
+    return {str(b): kept[b] / total[b] for b in sorted(kept)}
+
+
+def _set_training_mode(model: nn.Module, checkpointing: bool) -> Callable[[], None]:
+    """Train mode (HF only checkpoints in training) with non-reentrant activation checkpointing;
+    returns the function that restores eval mode."""
+    was_training = model.training
+    if checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise PatchsparseError(f"{type(model).__name__} does not support activation checkpointing; disable it")
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
+
+    def restore() -> None:
+        if checkpointing:
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+        model.train(was_training)
+    return restore
+
+
+def step_window_indices(step: int, train: TrainConfig, n_windows: int) -> list[torch.Tensor]:
+    """Window indices of each micro-batch of optimizer step `step` (cycling through the windows)."""
+    first = step * train.windows_per_step
+    return [(torch.arange(first + j * train.batch_size, first + (j + 1) * train.batch_size) % n_windows)
+            for j in range(train.grad_accum)]
+
+
+def make_optimizer(masked: MaskedModel, config: LearnConfig) -> torch.optim.Optimizer:
+    oc = config.optim
+    params = masked.parameters()
+    # The fused (single-kernel) AdamW is several times faster than the per-tensor one on CPU; the
+    # logits are fp32 on one device, which it supports.
+    fused = params[0].device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(params, lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay, fused=fused)
+
+
+def train_step(model: nn.Module, masked: MaskedModel, optimizer: torch.optim.Optimizer, config: LearnConfig,
+               step: int, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """One optimizer step over its micro-batches (token ids (B, T) each); returns the step's metrics."""
+    t0 = time.perf_counter()
+    mc, oc, tc = config.mask, config.optim, config.train
+    sampler = masked.sampler
+    params = masked.parameters()
+    sampler.mode = SAMPLE
+    sampler.set_step(step, config, masked.weight_norm_total)
+    sampler.layer_norms.clear()
+    lr = cosine_lr(step, tc.steps, oc.lr, oc.warmup_steps, oc.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    lm_total = 0.0
+    for batch in batches:
+        lm_loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        (lm_loss / len(batches)).backward()
+        lm_total += float(lm_loss.detach()) / len(batches)
+    if mc.learns_tiles:
+        reg, density = sparsity_regulariser(masked, mc.sparsity, config.objective.density_scope)
+        if config.objective.sparse_reg > 0:
+            (config.objective.sparse_reg * reg).backward()
+        reg_value = float(reg.detach())
+    else:
+        reg_value, density = 0.0, 0.5
+    r_w = weight_magnitude_ratio(masked)
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = (float(torch.nn.utils.clip_grad_norm_(params, oc.grad_clip)) if oc.grad_clip > 0
+                 else float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    decay = 1.0 - step / tc.steps
+    loss = lm_total + config.objective.sparse_reg * reg_value - (
+        config.objective.weight_reg * decay * r_w if r_w is not None else 0.0)
+    return {"step": step, "lr": lr, "loss": loss, "lm_loss": lm_total, "sparse_reg": reg_value,
+            "weight_reg_ratio": r_w, "density": density, "hard_density": _hard_density(masked),
+            "tau_nm": sampler.tau_nm, "kappa_nm": sampler.kappa_nm, "tau_tile": sampler.tau_tile,
+            "kappa_tile": sampler.kappa_tile, "grad_norm": grad_norm,
+            "block_density": _block_densities(masked) if mc.learns_tiles else None,
+            "seconds": time.perf_counter() - t0}
+
+
+def learn_masks(model: nn.Module, train_windows: torch.Tensor, config: LearnConfig, prior: PriorMasks | None,
+                out_dir: str | Path | None = None, resume: bool = False,
+                on_step_end: Callable[[int, dict[str, Any]], None] | None = None) -> LearnResult:
+    """Attach learnable masks to `model` and train them on `train_windows` (n, seqlen).
+
+    Returns with the masks still attached (use `extract_masks`, then `remove_masks`). With
+    `out_dir`, writes run.json, prior.pt, metrics.jsonl (one line per step) and checkpoint.pt;
+    with `resume`, continues the run found there (its saved prior replaces `prior`).
+    """
+    config.check()
+    tc = config.train
+    if train_windows.dim() != 2 or train_windows.shape[1] != tc.seqlen or train_windows.shape[0] < 1:
+        raise PatchsparseError(f"training windows must be (n, {tc.seqlen}), got {tuple(train_windows.shape)}")
+    out = Path(out_dir) if out_dir is not None else None
+    checkpoint = None
+    if resume:
+        if out is None:
+            raise PatchsparseError("resuming needs the run's output directory")
+        if (out / CHECKPOINT_FILE).is_file():
+            checkpoint = torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            if checkpoint.get("format") != FORMAT_VERSION:
+                raise PatchsparseError(f"{out / CHECKPOINT_FILE}: unknown checkpoint format")
+        if (out / PRIOR_FILE).is_file():
+            prior = load_prior(out / PRIOR_FILE)
+    if checkpoint is not None:
+        _check_same_run(checkpoint, config, checkpoint["layers"])  # settings first: nothing touched yet
+
+    masked = attach_masks(model, config, prior)
+    layers = {name: list(m.shape) for name, m in masked.masks.items()}
+    device = masked.parameters()[0].device
+    optimizer = make_optimizer(masked, config)
+    start = 0
+    if checkpoint is not None:
+        _check_same_run(checkpoint, config, layers)
+        with torch.no_grad():
+            for name, m in masked.masks.items():
+                for key, value in checkpoint["masks"][name].items():
+                    getattr(m, key).copy_(value)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        _set_rng_state(checkpoint["rng"])
+        start = checkpoint["step"]
+        log(f"resuming at step {start} of {tc.steps} from {out / CHECKPOINT_FILE}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / RUN_FILE, json.dumps({"config": config.to_dict(), "layers": layers}, indent=2) + "\n")
+        if prior is not None and not (out / PRIOR_FILE).is_file():
+            save_prior(prior, out / PRIOR_FILE)
+        _truncate_metrics(out / METRICS_FILE, start)
+
+    def save_checkpoint(steps_done: int) -> None:
+        state = {"format": FORMAT_VERSION, "config": config.to_dict(), "layers": layers, "step": steps_done,
+                 "masks": {name: {k: v.detach().cpu() for k, v in m.named_parameters()} for name, m in masked.masks.items()},
+                 "optimizer": optimizer.state_dict(), "rng": _rng_state()}
+        atomic_torch_save(state, out / CHECKPOINT_FILE)
+
+    mc = config.mask
+    n_windows = train_windows.shape[0]
+    restore = _set_training_mode(model, tc.activation_checkpointing)
+    bar = progress(total=tc.steps, desc=f"learn {mc.mode}", unit="step")
+    bar.update(start)
+    began = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    try:
+        for step in range(start, tc.steps):
+            batches = [train_windows[index].to(device) for index in step_window_indices(step, tc, n_windows)]
+            metrics = train_step(model, masked, optimizer, config, step, batches)
+            if out is not None:
+                with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            bar.update(1)
+            tau = metrics["tau_tile"] if mc.learns_tiles else metrics["tau_nm"]
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", density=f"{metrics['density']:.4f}", tau=f"{tau:.3f}")
+            steps_done = step + 1
+            if out is not None and tc.checkpoint_every and (steps_done % tc.checkpoint_every == 0 or steps_done == tc.steps):
+                save_checkpoint(steps_done)
+            if on_step_end is not None:
+                on_step_end(step, metrics)
+    finally:
+        bar.close()
+        restore()
+        masked.sampler.mode = HARD
+        masked.sampler.weight_reg_grad = 0.0
+        masked.sampler.layer_norms.clear()
+    return LearnResult(masked=masked, config=config, steps_run=tc.steps - start,
+                       resumed_from=start if checkpoint is not None else None,
+                       seconds=time.perf_counter() - began, last_metrics=metrics, out_dir=out)
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    """Keep the metric lines of the steps before `start` (a resumed run rewrites the rest)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] < start]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

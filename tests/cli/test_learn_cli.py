@@ -1,0 +1,72 @@
+import json
+
+import pytest
+import torch
+
+from patchsparse.cli.main import main
+from patchsparse.io.maskfile import load_mask_spec
+
+
+def _args(model_dir, data, out, *extra):
+    return ["learn", "--model", str(model_dir), "--data", str(data), "--device", "cpu", "--seqlen", "32",
+            "--tile", "16", "16", "--steps", "3", "--calib-windows", "2", "--eval-windows", "2",
+            "--eval-seqlen", "32", "--checkpoint-every", "2", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """Distinct paragraphs (the shared tiny text repeats three, which all end up held out)."""
+    import random
+
+    words = "sparse dense tile mask weight group pattern layer model keeps learns two four of the a".split()
+    rng = random.Random(0)
+    paragraphs = [" ".join(rng.choice(words) for _ in range(40)) + f" {i}." for i in range(80)]
+    path = tmp_path_factory.mktemp("learn-data") / "text.txt"
+    path.write_text("\n\n".join(paragraphs))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_learn_writes_masks_metrics_and_record(tiny_model_dir, text_file, tmp_path, capsys):
+    out, record = tmp_path / "run", tmp_path / "learn.json"
+    assert main(_args(tiny_model_dir, text_file, out, "--mode", "patch-joint", "--json", str(record))) == 0
+    printed = capsys.readouterr().out
+    assert "sparsity (exact)" in printed and "perplexity learned" in printed
+    spec = load_mask_spec(out / "masks")
+    assert abs(spec.sparsity() - 0.35) < 0.02
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    figures = json.loads(record.read_text())["figures"]
+    assert set(figures["perplexity"]) == {"prior 2:4", "prior hybrid (start)", "learned"}
+    assert figures["extraction"]["policy"] == "exact"
+    # a finished run resumes to the same masks without training
+    assert main(_args(tiny_model_dir, text_file, out, "--mode", "patch-joint", "--resume")) == 0
+    again = load_mask_spec(out / "masks")
+    assert all(torch.equal(again.layers[n].keep_mask(), spec.layers[n].keep_mask()) for n in spec.layers)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--mode", "patch-tile", "--sparsity", "0.6"], "outside [0, 0.5]"),
+    (["--mode", "maskllm", "--sparsity", "0.35"], "maskllm mode learns 2:4 masks only"),
+    (["--mode", "patch-tile", "--tile", "16", "6"], "tile size 16x6 is invalid"),
+])
+def test_bad_input_is_one_line(tiny_model_dir, text_file, tmp_path, capsys, extra, message):
+    assert main(_args(tiny_model_dir, text_file, tmp_path / "run", *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_output_needs_overwrite(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something").write_text("x")
+    assert main(_args(tiny_model_dir, text_file, out)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "something").exists()

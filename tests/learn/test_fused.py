@@ -1,0 +1,56 @@
+"""The fused CPU kernel against the pure-PyTorch formulas (its oracle)."""
+
+import pytest
+import torch
+
+from patchsparse.learn.fused import fused_hybrid_weight, load_extension
+from patchsparse.learn.masked import _AddToLoss
+from patchsparse.learn.soft_masks import hybrid_soft_weight, soft_nm_mask
+from patchsparse.masks import TileGrid
+
+pytestmark = pytest.mark.skipif(load_extension() is None, reason="the fused kernel cannot be built here")
+
+
+def _case(shape, tile, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(*shape, generator=g)
+    grid = TileGrid.for_weight(weight, tile)
+    logits = (torch.randn(shape[0], shape[1] // 4, 6, generator=g) * 0.05).requires_grad_(True)
+    noise = torch.randn(shape[0], shape[1] // 4, 6, generator=g)
+    tiles = torch.rand(*grid.shape, generator=g).requires_grad_(True)
+    grad = torch.randn(*shape, generator=g)
+    return weight, grid, logits, noise, tiles, grad
+
+
+@pytest.mark.parametrize("shape,tile", [((12, 40), (4, 8)), ((10, 36), (4, 16)), ((7, 8), (16, 16))])
+@pytest.mark.parametrize("norm_term", [0.0, -0.3])
+def test_fused_joint_matches_reference(shape, tile, norm_term):
+    weight, grid, logits, noise, tiles, grad = _case(shape, tile)
+    out, norm = fused_hybrid_weight(weight, logits, noise, None, tiles, 30.0, 0.7, grid)
+    if norm_term:
+        out = _AddToLoss.apply(out, norm, norm_term)
+    (out * grad).sum().backward()
+    g_logits, g_tiles = logits.grad.clone(), tiles.grad.clone()
+    logits.grad = tiles.grad = None
+    ref = hybrid_soft_weight(weight, soft_nm_mask(logits, noise, 30.0, 0.7), tiles, grid)
+    torch.testing.assert_close(out.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.detach(), ref.detach().norm(), rtol=1e-5, atol=1e-6)
+    ((ref * grad).sum() + norm_term * ref.norm()).backward()
+    torch.testing.assert_close(g_logits, logits.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_tiles, tiles.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_frozen_mask_and_no_tiles():
+    weight, grid, logits, noise, tiles, grad = _case((8, 24), (4, 8), seed=1)
+    keep = torch.rand(8, 24) > 0.5
+    out, _ = fused_hybrid_weight(weight, None, None, keep, tiles, 1.0, 1.0, grid)
+    (out * grad).sum().backward()
+    g_tiles = tiles.grad.clone()
+    tiles.grad = None
+    ref = hybrid_soft_weight(weight, keep.float(), tiles, grid)
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(out.detach(), ref.detach())
+    torch.testing.assert_close(g_tiles, tiles.grad, rtol=1e-4, atol=1e-5)
+    # maskllm: no tiles, no noise
+    out, _ = fused_hybrid_weight(weight, logits, None, None, None, 100.0, 4.0, None)
+    torch.testing.assert_close(out, weight * soft_nm_mask(logits, None, 100.0, 4.0), rtol=1e-5, atol=1e-6)

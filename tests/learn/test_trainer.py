@@ -1,0 +1,163 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from patchsparse.errors import PatchsparseError
+from patchsparse.learn import learn_masks, remove_masks
+from patchsparse.learn.config import ObjectiveConfig, OptimConfig, TrainConfig
+from patchsparse.learn.trainer import CHECKPOINT_FILE, METRICS_FILE
+
+from tests.conftest import build_tiny_llama
+from tests.learn.helpers import tiny_config, tiny_prior, tiny_windows
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _logits(result):
+    return {name: {k: v.detach().clone() for k, v in m.named_parameters()} for name, m in result.masked.masks.items()}
+
+
+def _assert_same_logits(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+
+
+def test_regulariser_brings_soft_density_to_target(tiny_tokenizer):
+    model = build_tiny_llama(len(tiny_tokenizer))
+    base = tiny_config("patch-tile", sparsity=0.35, steps=30, grad_accum=1, batch_size=1)
+    mask = replace(base.mask, prior_strength_tile=0.0)  # random tiles: soft density starts near 0.75
+    config = replace(base, mask=mask, objective=ObjectiveConfig(sparse_reg=20.0, weight_reg=0.0),
+                     optim=OptimConfig(lr=0.05, warmup_steps=1))
+    result = learn_masks(model, tiny_windows(len(tiny_tokenizer)), config, tiny_prior(model))
+    first = result.masked  # metrics of the last step
+    assert abs(result.last_metrics["density"] - 0.65) < 0.01
+    assert result.last_metrics["hard_density"] == pytest.approx(0.65, abs=0.03)
+
+
+def test_logits_move_under_a_bf16_model(tiny_tokenizer):
+    # the published bf16 logits do not move at lr 1e-4 (method.md §9.7); fp32 logits do
+    model = build_tiny_llama(len(tiny_tokenizer)).to(torch.bfloat16)
+    config = replace(tiny_config("patch-tile", steps=2), optim=OptimConfig(lr=1e-4, warmup_steps=0))
+    prior = tiny_prior(model)
+    start = learn_masks(build_tiny_llama(len(tiny_tokenizer)).to(torch.bfloat16), tiny_windows(len(tiny_tokenizer)),
+                        replace(config, train=replace(config.train, steps=1)), prior)
+    result = learn_masks(model, tiny_windows(len(tiny_tokenizer)), config, prior)
+    for name, mask in result.masked.masks.items():
+        before = start.masked.masks[name].tile_logits.detach()
+        assert mask.tile_logits.dtype == torch.float32
+        assert not torch.equal(mask.tile_logits.detach(), before)
+
+
+def test_metrics_log_has_one_line_per_step(tiny_model, tiny_tokenizer, tmp_path):
+    config = tiny_config(steps=3, checkpoint_every=2)
+    learn_masks(tiny_model, tiny_windows(len(tiny_tokenizer)), config, tiny_prior(tiny_model), tmp_path)
+    lines = [json.loads(l) for l in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [l["step"] for l in lines] == [0, 1, 2]
+    for key in ("loss", "lm_loss", "density", "hard_density", "tau_nm", "tau_tile", "kappa_tile", "lr", "weight_reg_ratio"):
+        assert key in lines[0]
+    assert lines[0]["tau_tile"] == 4.0 and lines[2]["tau_tile"] == pytest.approx(0.05)
+    assert 0.0 < lines[0]["weight_reg_ratio"] <= 1.0
+    assert (tmp_path / CHECKPOINT_FILE).is_file() and (tmp_path / "prior.pt").is_file()
+
+
+def _uninterrupted(tokenizer, config, out):
+    model = build_tiny_llama(len(tokenizer))
+    return _logits(learn_masks(model, tiny_windows(len(tokenizer)), config, tiny_prior(model), out))
+
+
+@pytest.mark.parametrize("mode", ["patch-joint", "patch-tile"])
+def test_resume_after_injected_interruption_equals_uninterrupted(tiny_tokenizer, tmp_path, mode):
+    config = tiny_config(mode, steps=5, checkpoint_every=2)
+    expected = _uninterrupted(tiny_tokenizer, config, tmp_path / "full")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_step_2(step, metrics):
+        if step == 2:
+            raise Interrupt
+
+    model = build_tiny_llama(len(tiny_tokenizer))
+    with pytest.raises(Interrupt):
+        learn_masks(model, tiny_windows(len(tiny_tokenizer)), config, tiny_prior(model), tmp_path / "cut",
+                    on_step_end=stop_after_step_2)
+    # step 2 ran but is past the last checkpoint (after step 1): the resumed run redoes it
+    assert torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=False)["step"] == 2
+    model = build_tiny_llama(len(tiny_tokenizer))
+    result = learn_masks(model, tiny_windows(len(tiny_tokenizer)), config, None, tmp_path / "cut", resume=True)
+    assert result.resumed_from == 2 and result.steps_run == 3
+    _assert_same_logits(_logits(result), expected)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / METRICS_FILE).read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_tokenizer, tmp_path):
+    """A real SIGKILL right after the checkpoint of step 4 (no cleanup, no exception handlers)."""
+    config = tiny_config("patch-joint", steps=6, checkpoint_every=2)
+    expected = _uninterrupted(tiny_tokenizer, config, tmp_path / "full")
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from tests.conftest import build_tiny_tokenizer, build_tiny_llama
+        from tests.learn.helpers import tiny_config, tiny_prior, tiny_windows
+        from patchsparse.learn import learn_masks
+        import torch; torch.set_num_threads(1)
+        tok = build_tiny_tokenizer()
+        model = build_tiny_llama(len(tok))
+        config = tiny_config("patch-joint", steps=6, checkpoint_every=2)
+        def kill(step, metrics):
+            if step == 4:   # checkpoint after step 3 exists; step 4 ran and is lost
+                os.kill(os.getpid(), signal.SIGKILL)
+        learn_masks(model, tiny_windows(len(tok)), config, tiny_prior(model), {str(tmp_path / 'cut')!r}, on_step_end=kill)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=False)["step"] == 4
+    assert not list((tmp_path / "cut").glob(".*.tmp"))  # no half-written files left visible
+    model = build_tiny_llama(len(tiny_tokenizer))
+    result = learn_masks(model, tiny_windows(len(tiny_tokenizer)), config, None, tmp_path / "cut", resume=True)
+    assert result.resumed_from == 4
+    _assert_same_logits(_logits(result), expected)
+
+
+def test_resume_refuses_other_settings(tiny_model, tiny_tokenizer, tmp_path):
+    config = tiny_config(steps=2, checkpoint_every=1)
+    learn_masks(tiny_model, tiny_windows(len(tiny_tokenizer)), config, tiny_prior(tiny_model), tmp_path)
+    remove_masks(tiny_model)
+    other = replace(config, optim=replace(config.optim, lr=0.5))
+    with pytest.raises(PatchsparseError, match=r"different settings \(optim.lr\)"):
+        learn_masks(tiny_model, tiny_windows(len(tiny_tokenizer)), other, None, tmp_path, resume=True)
+    assert not any(n for n, _ in tiny_model.named_parameters() if "logits" in n)
+
+
+def test_bad_windows_are_refused(tiny_model):
+    with pytest.raises(PatchsparseError, match="training windows"):
+        learn_masks(tiny_model, torch.zeros(4, 8, dtype=torch.long), tiny_config(), tiny_prior(tiny_model))
+
+
+def test_resume_before_the_first_checkpoint_starts_from_the_saved_prior(tiny_tokenizer, tmp_path):
+    config = tiny_config("patch-tile", steps=3, checkpoint_every=2)
+    expected = _uninterrupted(tiny_tokenizer, config, tmp_path / "full")
+
+    def stop(step, metrics):
+        raise KeyboardInterrupt
+
+    model = build_tiny_llama(len(tiny_tokenizer))
+    with pytest.raises(KeyboardInterrupt):
+        learn_masks(model, tiny_windows(len(tiny_tokenizer)), config, tiny_prior(model), tmp_path / "cut", on_step_end=stop)
+    assert not (tmp_path / "cut" / CHECKPOINT_FILE).exists()
+    result = learn_masks(build_tiny_llama(len(tiny_tokenizer)), tiny_windows(len(tiny_tokenizer)), config, None,
+                         tmp_path / "cut", resume=True)
+    assert result.resumed_from is None and result.steps_run == 3
+    _assert_same_logits(_logits(result), expected)
