@@ -1,0 +1,307 @@
+// CPU kernels for the packed row-block hybrid (dense / 2:4) format; see kernels/packing.py.
+//
+// Decode (a few tokens) is limited by how many weight bytes are read, so the kernel streams each
+// row block once per group of up to 4 tokens and keeps 8 output rows in one AVX2 register:
+//   * a 2:4 chunk (8 inputs x 8 rows) holds 4 values per row plus one metadata byte per row; the
+//     8 inputs are loaded into one register and `vpermps` picks, for each row (lane), the input
+//     its kept value multiplies: 4 permutes + 4 FMAs instead of 8 FMAs, and ~half the bytes;
+//   * a dense chunk is 8 columns of 8 rows: broadcast one input, FMA a column.
+// Values may be stored in fp32, bf16 or fp16; arithmetic is always fp32.
+// Rows are split between threads by stored bytes (the prefix sums `value_offsets`), so threads
+// get equal work however the dense tiles are placed.
+// Without AVX2+FMA (or on another architecture) a portable scalar loop computes the same sums.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define PATCHSPARSE_AVX2 1
+#endif
+
+namespace {
+
+constexpr int ROWS = 8;
+constexpr int CHUNK = 8;
+constexpr int SPARSE_VALUES = 32;
+constexpr int DENSE_VALUES = 64;
+constexpr int MAX_TOKENS = 4;  // tokens per pass over a row block (accumulators stay in registers)
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+
+struct Layout {
+  const uint8_t* meta;
+  const int32_t* cols;       // (NB, NC)
+  const int32_t* n_sparse;   // (NB,)
+  const int64_t* value_off;  // (NB,)
+  const int64_t* meta_off;   // (NB,)
+  int64_t n_blocks, n_chunks, out_features;
+};
+
+#ifdef PATCHSPARSE_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  // bf16 is the top half of an fp32: widen to 32 bits and shift into place.
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// One row block for NT tokens. x: fp32 (NT, ldx) padded to whole chunks; out: fp32 (NT, 8).
+// NACC independent accumulators per token hide the FMA latency when NT is small.
+template <typename T, int NT>
+void row_block_avx2(const T* vals, const uint8_t* meta, const int32_t* cols, int n_sparse, int n_chunks,
+                    const float* x, int64_t ldx, float* out) {
+  constexpr int NACC = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
+  __m256 acc[NT][NACC];
+  for (int t = 0; t < NT; ++t)
+    for (int a = 0; a < NACC; ++a) acc[t][a] = _mm256_setzero_ps();
+  const __m256i three = _mm256_set1_epi32(3);
+  const __m256i four = _mm256_set1_epi32(4);
+
+  for (int s = 0; s < n_sparse; ++s, vals += SPARSE_VALUES, meta += ROWS) {
+    const int64_t base = static_cast<int64_t>(cols[s]) * CHUNK;
+    const __m256i m = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta)));
+    // Lane r of idx_k = which of the chunk's 8 inputs row r's k-th kept value multiplies.
+    const __m256i idx[4] = {
+        _mm256_and_si256(m, three),
+        _mm256_and_si256(_mm256_srli_epi32(m, 2), three),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(m, 4), three), four),
+        _mm256_or_si256(_mm256_srli_epi32(m, 6), four),
+    };
+    __m256 xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = _mm256_loadu_ps(x + t * ldx + base);
+    for (int k = 0; k < 4; ++k) {
+      const __m256 w = load8(vals + k * ROWS);
+      for (int t = 0; t < NT; ++t)
+        acc[t][k % NACC] = _mm256_fmadd_ps(w, _mm256_permutevar8x32_ps(xv[t], idx[k]), acc[t][k % NACC]);
+    }
+  }
+  for (int d = n_sparse; d < n_chunks; ++d, vals += DENSE_VALUES) {
+    const int64_t base = static_cast<int64_t>(cols[d]) * CHUNK;
+    for (int k = 0; k < CHUNK; ++k) {
+      const __m256 w = load8(vals + k * ROWS);
+      for (int t = 0; t < NT; ++t)
+        acc[t][k % NACC] = _mm256_fmadd_ps(w, _mm256_broadcast_ss(x + t * ldx + base + k), acc[t][k % NACC]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    __m256 sum = acc[t][0];
+    for (int a = 1; a < NACC; ++a) sum = _mm256_add_ps(sum, acc[t][a]);
+    _mm256_storeu_ps(out + t * ROWS, sum);
+  }
+}
+#endif
+
+// Portable version of the same sums (also the reference for the vector code's bookkeeping).
+template <typename T>
+void row_block_scalar(const T* vals, const uint8_t* meta, const int32_t* cols, int n_sparse, int n_chunks,
+                      const float* x, int64_t ldx, int nt, float* out) {
+  for (int i = 0; i < nt * ROWS; ++i) out[i] = 0.f;
+  for (int s = 0; s < n_sparse; ++s, vals += SPARSE_VALUES, meta += ROWS) {
+    const int64_t base = static_cast<int64_t>(cols[s]) * CHUNK;
+    for (int r = 0; r < ROWS; ++r) {
+      const int m = meta[r];
+      const int pos[4] = {m & 3, (m >> 2) & 3, 4 + ((m >> 4) & 3), 4 + ((m >> 6) & 3)};
+      for (int k = 0; k < 4; ++k) {
+        const float w = to_float(vals[k * ROWS + r]);
+        for (int t = 0; t < nt; ++t) out[t * ROWS + r] += w * x[t * ldx + base + pos[k]];
+      }
+    }
+  }
+  for (int d = n_sparse; d < n_chunks; ++d, vals += DENSE_VALUES) {
+    const int64_t base = static_cast<int64_t>(cols[d]) * CHUNK;
+    for (int k = 0; k < CHUNK; ++k)
+      for (int r = 0; r < ROWS; ++r) {
+        const float w = to_float(vals[k * ROWS + r]);
+        for (int t = 0; t < nt; ++t) out[t * ROWS + r] += w * x[t * ldx + base + k];
+      }
+  }
+}
+
+template <typename T>
+void run_row_block(const T* vals, const Layout& L, int64_t b, const float* x, int64_t ldx, int nt,
+                   bool use_vector, float* out) {
+  const uint8_t* meta = L.meta + L.meta_off[b];
+  const int32_t* cols = L.cols + b * L.n_chunks;
+  const int ns = L.n_sparse[b];
+  const int nc = static_cast<int>(L.n_chunks);
+  vals += L.value_off[b];
+#ifdef PATCHSPARSE_AVX2
+  if (use_vector) {
+    switch (nt) {
+      case 1: return row_block_avx2<T, 1>(vals, meta, cols, ns, nc, x, ldx, out);
+      case 2: return row_block_avx2<T, 2>(vals, meta, cols, ns, nc, x, ldx, out);
+      case 3: return row_block_avx2<T, 3>(vals, meta, cols, ns, nc, x, ldx, out);
+      default: return row_block_avx2<T, 4>(vals, meta, cols, ns, nc, x, ldx, out);
+    }
+  }
+#endif
+  (void)use_vector;
+  row_block_scalar<T>(vals, meta, cols, ns, nc, x, ldx, nt, out);
+}
+
+// Row-block ranges of equal stored size, one per thread.
+std::vector<int64_t> balanced_splits(const int64_t* value_off, int64_t n_blocks, int64_t total, int parts) {
+  std::vector<int64_t> splits(parts + 1, n_blocks);
+  splits[0] = 0;
+  for (int p = 1; p < parts; ++p) {
+    const int64_t target = total * p / parts;
+    splits[p] = std::lower_bound(value_off, value_off + n_blocks, target) - value_off;
+  }
+  return splits;
+}
+
+template <typename T, typename O>
+void hybrid_matmul_impl(const T* vals, const Layout& L, int64_t total_values, const float* x, int64_t ldx,
+                        int64_t tokens, const float* bias, bool use_vector, O* y) {
+  // Small layers are not worth waking a second thread for.
+  const int threads = total_values * static_cast<int64_t>(sizeof(T)) < (1 << 16) ? 1 : at::get_num_threads();
+  const std::vector<int64_t> splits = balanced_splits(L.value_off, L.n_blocks, total_values, threads);
+  auto work = [&](int64_t first, int64_t last) {
+    float out[MAX_TOKENS * ROWS];
+    for (int64_t part = first; part < last; ++part) {
+      for (int64_t b = splits[part]; b < splits[part + 1]; ++b) {
+        const int64_t row0 = b * ROWS;
+        const int rows = static_cast<int>(std::min<int64_t>(ROWS, L.out_features - row0));
+        for (int64_t t0 = 0; t0 < tokens; t0 += MAX_TOKENS) {
+          const int nt = static_cast<int>(std::min<int64_t>(MAX_TOKENS, tokens - t0));
+          run_row_block<T>(vals, L, b, x + t0 * ldx, ldx, nt, use_vector, out);
+          for (int t = 0; t < nt; ++t)
+            for (int r = 0; r < rows; ++r) {
+              const float v = out[t * ROWS + r] + (bias ? bias[row0 + r] : 0.f);
+              y[(t0 + t) * L.out_features + row0 + r] = static_cast<O>(v);
+            }
+        }
+      }
+    }
+  };
+  if (threads == 1) {
+    work(0, 1);  // no parallel region at all: waking idle threads costs more than a small layer
+  } else {
+    at::parallel_for(0, threads, 1, work);
+  }
+}
+
+Layout layout_of(const at::Tensor& meta, const at::Tensor& cols, const at::Tensor& n_sparse,
+                 const at::Tensor& value_off, const at::Tensor& meta_off, int64_t out_features) {
+  TORCH_CHECK(meta.scalar_type() == at::kByte && cols.scalar_type() == at::kInt &&
+              n_sparse.scalar_type() == at::kInt && value_off.scalar_type() == at::kLong &&
+              meta_off.scalar_type() == at::kLong, "packed index tensors have the wrong dtypes");
+  TORCH_CHECK(meta.is_contiguous() && cols.is_contiguous() && n_sparse.is_contiguous() &&
+              value_off.is_contiguous() && meta_off.is_contiguous(), "packed tensors must be contiguous");
+  TORCH_CHECK(cols.dim() == 2 && cols.size(0) == n_sparse.size(0), "chunk_cols and n_sparse disagree");
+  TORCH_CHECK(cols.size(0) * ROWS >= out_features, "out_features exceeds the packed row blocks");
+  return Layout{meta.data_ptr<uint8_t>(), cols.data_ptr<int32_t>(), n_sparse.data_ptr<int32_t>(),
+                value_off.data_ptr<int64_t>(), meta_off.data_ptr<int64_t>(), cols.size(0), cols.size(1),
+                out_features};
+}
+
+}  // namespace
+
+// y (tokens, out) = x (tokens, in) @ W^T + bias, W given in the packed row-block format.
+at::Tensor hybrid_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                         const at::Tensor& cols, const at::Tensor& n_sparse, const at::Tensor& value_off,
+                         const at::Tensor& meta_off, int64_t out_features, int64_t in_features,
+                         const c10::optional<at::Tensor>& bias, bool use_vector) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be (tokens, in_features)");
+  TORCH_CHECK(!x.is_cuda() && !values.is_cuda(), "CPU kernel");
+  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
+  const Layout L = layout_of(meta, cols, n_sparse, value_off, meta_off, out_features);
+  const int64_t in_padded = L.n_chunks * CHUNK;
+  TORCH_CHECK(in_padded >= in_features, "in_features exceeds the packed chunks");
+  const int64_t tokens = x.size(0);
+
+  // fp32 inputs padded to whole chunks (a copy only when the input is not already so).
+  at::Tensor x32;
+  if (x.scalar_type() == at::kFloat && x.is_contiguous() && in_padded == in_features) {
+    x32 = x;
+  } else {
+    x32 = at::zeros({tokens, in_padded}, x.options().dtype(at::kFloat));
+    x32.narrow(1, 0, in_features).copy_(x);
+  }
+  at::Tensor bias32;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == out_features, "bias has the wrong size");
+    bias32 = bias->to(at::kFloat).contiguous();
+  }
+  const float* bias_ptr = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({tokens, out_features}, x.options());
+  const int64_t total = values.numel();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "hybrid_linear_values", [&] {
+    using V = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "hybrid_linear_out", [&] {
+      if constexpr (std::is_same_v<V, double>) {
+        TORCH_CHECK(false, "float64 weights are not supported by the hybrid kernel");
+      } else {
+        hybrid_matmul_impl<V, scalar_t>(values.data_ptr<V>(), L, total, x32.data_ptr<float>(), in_padded,
+                                        tokens, bias_ptr, use_vector, y.data_ptr<scalar_t>());
+      }
+    });
+  });
+  return y;
+}
+
+// The masked dense weight (out, in) in the values' dtype (prefill: decompress once, then a GEMM).
+at::Tensor hybrid_unpack(const at::Tensor& values, const at::Tensor& meta, const at::Tensor& cols,
+                         const at::Tensor& n_sparse, const at::Tensor& value_off, const at::Tensor& meta_off,
+                         int64_t out_features, int64_t in_features) {
+  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
+  const Layout L = layout_of(meta, cols, n_sparse, value_off, meta_off, out_features);
+  at::Tensor w = at::zeros({out_features, in_features}, values.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "hybrid_unpack", [&] {
+    const scalar_t* all = values.data_ptr<scalar_t>();
+    scalar_t* out = w.data_ptr<scalar_t>();
+    at::parallel_for(0, L.n_blocks, 16, [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) {
+        const scalar_t* vals = all + L.value_off[b];
+        const uint8_t* meta_b = L.meta + L.meta_off[b];
+        const int32_t* cols_b = L.cols + b * L.n_chunks;
+        const int ns = L.n_sparse[b];
+        const int64_t row0 = b * ROWS;
+        const int rows = static_cast<int>(std::min<int64_t>(ROWS, out_features - row0));
+        for (int64_t s = 0; s < L.n_chunks; ++s) {
+          const int64_t base = static_cast<int64_t>(cols_b[s]) * CHUNK;
+          for (int r = 0; r < rows; ++r) {
+            scalar_t* row = out + (row0 + r) * in_features;
+            if (s < ns) {
+              const int m = meta_b[s * ROWS + r];
+              const int pos[4] = {m & 3, (m >> 2) & 3, 4 + ((m >> 4) & 3), 4 + ((m >> 6) & 3)};
+              for (int k = 0; k < 4; ++k)
+                if (base + pos[k] < in_features) row[base + pos[k]] = vals[k * ROWS + r];
+            } else {
+              for (int k = 0; k < CHUNK; ++k)
+                if (base + k < in_features) row[base + k] = vals[k * ROWS + r];
+            }
+          }
+          vals += s < ns ? SPARSE_VALUES : DENSE_VALUES;
+        }
+      }
+    });
+  });
+  return w;
+}
+
+bool has_vector_kernel() {
+#ifdef PATCHSPARSE_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("hybrid_linear", &hybrid_linear, "hybrid dense/2:4 linear on the packed row-block format");
+  m.def("hybrid_unpack", &hybrid_unpack, "packed row-block format -> masked dense weight");
+  m.def("has_vector_kernel", &has_vector_kernel, "compiled with the AVX2+FMA kernel");
+}
