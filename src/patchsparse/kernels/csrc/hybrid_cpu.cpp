@@ -164,8 +164,9 @@ std::vector<int64_t> balanced_splits(const int64_t* value_off, int64_t n_blocks,
 template <typename T, typename O>
 void hybrid_matmul_impl(const T* vals, const Layout& L, int64_t total_values, const float* x, int64_t ldx,
                         int64_t tokens, const float* bias, bool use_vector, O* y) {
-  // Small layers are not worth waking a second thread for.
-  const int threads = total_values * static_cast<int64_t>(sizeof(T)) < (1 << 16) ? 1 : at::get_num_threads();
+  // Waking a second thread costs microseconds (milliseconds on a loaded machine), more than a
+  // layer of under ~2 MiB takes to read, so small layers run on the calling thread.
+  const int threads = total_values * static_cast<int64_t>(sizeof(T)) < (2 << 20) ? 1 : at::get_num_threads();
   const std::vector<int64_t> splits = balanced_splits(L.value_off, L.n_blocks, total_values, threads);
   auto work = [&](int64_t first, int64_t last) {
     float out[MAX_TOKENS * ROWS];
