@@ -67,3 +67,19 @@ def test_threads_give_the_same_result():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(single, double)
+
+
+@pytest.mark.parametrize("out_f,in_f,tile", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_path_matches_masked_dense(out_f, in_f, tile, dtype):
+    torch.manual_seed(out_f + 3 * in_f)
+    weight = torch.randn(out_f, in_f)
+    bias = torch.randn(out_f)
+    packed = pack_rowblocks(weight, synthetic_layer_mask(weight, 0.35, tile), dtype)
+    reference_weight = unpack_rowblocks(packed)
+    x = torch.randn(70, in_f).to(dtype)
+    expected = F.linear(x, reference_weight, bias.to(dtype))
+    for band_bytes in (1, 4096, 1 << 22):                      # 8-row bands, a few bands, one band
+        got = cpu_kernel.cpu_hybrid_linear_prefill(x, packed, bias, band_bytes)
+        assert got.dtype == dtype and got.shape == (70, out_f)
+        torch.testing.assert_close(got.float(), expected.float(), **TOLERANCE[dtype])

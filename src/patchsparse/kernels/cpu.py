@@ -105,6 +105,16 @@ def cpu_hybrid_linear(x: torch.Tensor, packed: RowBlockPacked, bias: torch.Tenso
                                 packed.in_features, bias, use_vector)
 
 
+def cpu_hybrid_linear_prefill(x: torch.Tensor, packed: RowBlockPacked, bias: torch.Tensor | None,
+                              band_bytes: int = 2 << 20) -> torch.Tensor:
+    """Many tokens: expand bands of rows (about `band_bytes`) into a reused buffer, BLAS GEMM each."""
+    module = load_cpu_kernel()
+    assert module is not None, "cpu_hybrid_linear_prefill called without the compiled kernel"
+    return module.hybrid_linear_prefill(x, packed.values, packed.meta, packed.chunk_cols, packed.n_sparse,
+                                        packed.value_offsets, packed.meta_offsets, packed.out_features,
+                                        packed.in_features, bias, band_bytes)
+
+
 def cpu_unpack(packed: RowBlockPacked) -> torch.Tensor:
     """The masked dense weight with the compiled kernel (fast decompression for prefill)."""
     module = load_cpu_kernel()

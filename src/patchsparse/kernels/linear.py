@@ -33,8 +33,8 @@ from patchsparse.masks.spec import HybridMaskSpec, LayerMask
 
 BACKENDS = ("auto", "cpu", "reference", "stripe", "split", "triton")
 
-# Above this many tokens the CPU path expands the weight once and runs the BLAS GEMM instead of
-# the decode kernel (crossovers measured with benchmarks/hybrid_matmul.py, docs/KERNELS.md):
+# Above this many tokens the CPU path expands bands of the weight and runs the BLAS GEMM instead
+# of the decode kernel (crossovers measured with benchmarks/hybrid_matmul.py, docs/KERNELS.md):
 # fp32 BLAS is slow for small batches, while bf16 BLAS (AVX512-BF16) wins from 2–4 tokens on.
 CPU_DIRECT_MAX_TOKENS = {torch.float32: 64, torch.bfloat16: 2, torch.float16: 64}
 
@@ -107,8 +107,7 @@ class HybridLinear(nn.Module):
             packed: RowBlockPacked = self.packed
             if x.shape[0] <= CPU_DIRECT_MAX_TOKENS.get(packed.dtype, 64):
                 return cpu_kernel.cpu_hybrid_linear(x, packed, self.bias)
-            weight = cpu_kernel.cpu_unpack(packed)
-            return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return cpu_kernel.cpu_hybrid_linear_prefill(x, packed, self.bias)
         if self.backend in ("cpu", "reference"):
             return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         dtype = self.packed_dtype

@@ -253,44 +253,87 @@ at::Tensor hybrid_linear(const at::Tensor& x, const at::Tensor& values, const at
   return y;
 }
 
-// The masked dense weight (out, in) in the values' dtype (prefill: decompress once, then a GEMM).
+namespace {
+
+// Write rows [row0, row0 + n) of the masked dense weight into dst (n, in_features), every entry
+// (pruned weights as zeros), so dst needs no clearing and can be reused.
+template <typename T>
+void unpack_rows(const T* all, const Layout& L, int64_t in_features, int64_t row0, int64_t n, T* dst) {
+  const int64_t b_first = row0 / ROWS, b_last = (row0 + n + ROWS - 1) / ROWS;
+  at::parallel_for(b_first, b_last, 8, [&](int64_t first, int64_t last) {
+    T chunk[ROWS][CHUNK];
+    for (int64_t b = first; b < last; ++b) {
+      const T* vals = all + L.value_off[b];
+      const uint8_t* meta = L.meta + L.meta_off[b];
+      const int32_t* cols = L.cols + b * L.n_chunks;
+      const int ns = L.n_sparse[b];
+      const int rows = static_cast<int>(std::min<int64_t>(ROWS, L.out_features - b * ROWS));
+      for (int64_t s = 0; s < L.n_chunks; ++s) {
+        if (s < ns) {
+          for (int r = 0; r < ROWS; ++r) {
+            for (int k = 0; k < CHUNK; ++k) chunk[r][k] = T(0);
+            const int m = meta[s * ROWS + r];
+            chunk[r][m & 3] = vals[r];
+            chunk[r][(m >> 2) & 3] = vals[ROWS + r];
+            chunk[r][4 + ((m >> 4) & 3)] = vals[2 * ROWS + r];
+            chunk[r][4 + ((m >> 6) & 3)] = vals[3 * ROWS + r];
+          }
+          vals += SPARSE_VALUES;
+        } else {
+          for (int k = 0; k < CHUNK; ++k)
+            for (int r = 0; r < ROWS; ++r) chunk[r][k] = vals[k * ROWS + r];
+          vals += DENSE_VALUES;
+        }
+        const int64_t base = static_cast<int64_t>(cols[s]) * CHUNK;
+        const int width = static_cast<int>(std::min<int64_t>(CHUNK, in_features - base));
+        for (int r = 0; r < rows; ++r)
+          std::memcpy(dst + (b * ROWS + r - row0) * in_features + base, chunk[r], width * sizeof(T));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// The masked dense weight (out, in) in the values' dtype.
 at::Tensor hybrid_unpack(const at::Tensor& values, const at::Tensor& meta, const at::Tensor& cols,
                          const at::Tensor& n_sparse, const at::Tensor& value_off, const at::Tensor& meta_off,
                          int64_t out_features, int64_t in_features) {
   TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
   const Layout L = layout_of(meta, cols, n_sparse, value_off, meta_off, out_features);
-  at::Tensor w = at::zeros({out_features, in_features}, values.options());
+  at::Tensor w = at::empty({out_features, in_features}, values.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "hybrid_unpack", [&] {
-    const scalar_t* all = values.data_ptr<scalar_t>();
-    scalar_t* out = w.data_ptr<scalar_t>();
-    at::parallel_for(0, L.n_blocks, 16, [&](int64_t first, int64_t last) {
-      for (int64_t b = first; b < last; ++b) {
-        const scalar_t* vals = all + L.value_off[b];
-        const uint8_t* meta_b = L.meta + L.meta_off[b];
-        const int32_t* cols_b = L.cols + b * L.n_chunks;
-        const int ns = L.n_sparse[b];
-        const int64_t row0 = b * ROWS;
-        const int rows = static_cast<int>(std::min<int64_t>(ROWS, out_features - row0));
-        for (int64_t s = 0; s < L.n_chunks; ++s) {
-          const int64_t base = static_cast<int64_t>(cols_b[s]) * CHUNK;
-          for (int r = 0; r < rows; ++r) {
-            scalar_t* row = out + (row0 + r) * in_features;
-            if (s < ns) {
-              const int m = meta_b[s * ROWS + r];
-              const int pos[4] = {m & 3, (m >> 2) & 3, 4 + ((m >> 4) & 3), 4 + ((m >> 6) & 3)};
-              for (int k = 0; k < 4; ++k)
-                if (base + pos[k] < in_features) row[base + pos[k]] = vals[k * ROWS + r];
-            } else {
-              for (int k = 0; k < CHUNK; ++k)
-                if (base + k < in_features) row[base + k] = vals[k * ROWS + r];
-            }
-          }
-          vals += s < ns ? SPARSE_VALUES : DENSE_VALUES;
-        }
-      }
-    });
+    unpack_rows<scalar_t>(values.data_ptr<scalar_t>(), L, in_features, 0, out_features, w.data_ptr<scalar_t>());
   });
   return w;
+}
+
+// Prefill (many tokens): expand a band of rows at a time into a small reused buffer that stays
+// in cache and multiply it with the BLAS GEMM, so no full dense copy of the weight is made.
+// Computes y^T (out, tokens) band by band (contiguous rows), then transposes once.
+at::Tensor hybrid_linear_prefill(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                 const at::Tensor& cols, const at::Tensor& n_sparse, const at::Tensor& value_off,
+                                 const at::Tensor& meta_off, int64_t out_features, int64_t in_features,
+                                 const c10::optional<at::Tensor>& bias, int64_t band_bytes) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be (tokens, in_features)");
+  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
+  const Layout L = layout_of(meta, cols, n_sparse, value_off, meta_off, out_features);
+  const at::Tensor xt = x.to(values.scalar_type()).contiguous().t();          // (in, tokens) view
+  at::Tensor yt = at::empty({out_features, x.size(0)}, values.options());
+  int64_t band = band_bytes / std::max<int64_t>(1, in_features * values.element_size());
+  band = std::max<int64_t>(ROWS, band / ROWS * ROWS);
+  at::Tensor scratch = at::empty({std::min(band, out_features), in_features}, values.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "hybrid_prefill", [&] {
+    for (int64_t row0 = 0; row0 < out_features; row0 += band) {
+      const int64_t n = std::min(band, out_features - row0);
+      unpack_rows<scalar_t>(values.data_ptr<scalar_t>(), L, in_features, row0, n, scratch.data_ptr<scalar_t>());
+      at::Tensor out = yt.narrow(0, row0, n);
+      at::mm_out(out, scratch.narrow(0, 0, n), xt);
+    }
+  });
+  at::Tensor y = yt.t().contiguous();
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
+  return y.to(x.scalar_type());
 }
 
 bool has_vector_kernel() {
@@ -304,5 +347,6 @@ bool has_vector_kernel() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hybrid_linear", &hybrid_linear, "hybrid dense/2:4 linear on the packed row-block format");
   m.def("hybrid_unpack", &hybrid_unpack, "packed row-block format -> masked dense weight");
+  m.def("hybrid_linear_prefill", &hybrid_linear_prefill, "hybrid linear for many tokens: banded expand + GEMM");
   m.def("has_vector_kernel", &has_vector_kernel, "compiled with the AVX2+FMA kernel");
 }
