@@ -1,4 +1,4 @@
-"""Layer-level benchmark: dense F.linear vs hybrid (dense / 2:4 tiles) layers, in one run.
+"""Layer-level benchmark: dense nn.Linear vs hybrid (dense / 2:4 tiles) layers, in one run.
 
 Prints the machine, the commit and the settings, then per dtype a table of speedups
 (dense time / hybrid time) for every weight shape and token count; the ideal for a sparsity s is
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default=None, help="comma list (default: cpu on CPU; split,stripe,triton on GPU)")
     parser.add_argument("--tile", default="128x128")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--budget", type=float, default=0.05, help="seconds per timed round and variant")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=0.03, help="seconds per timed round and variant")
     parser.add_argument("--max-gflop", type=float, default=None,
-                        help="skip cells above this many GFLOP (default: 20 on CPU, none on GPU)")
+                        help="skip cells above this many GFLOP (default: 12 on CPU, none on GPU)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     sparsities = [float(s) for s in args.sparsities.split(",")] + [PURE_2_4]
     tile = tuple(int(v) for v in args.tile.split("x"))
     shapes = parse_shapes(args.shapes)
-    max_gflop = args.max_gflop if args.max_gflop is not None else (20.0 if device.type == "cpu" else None)
+    max_gflop = args.max_gflop if args.max_gflop is not None else (12.0 if device.type == "cpu" else None)
 
     print("\n".join(machine_lines(device)))
     print(f"settings: shapes {shapes}, tokens {tokens}, tile {tile}, rounds {args.rounds} x {args.budget}s, "
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         cells, skipped = layer_benchmark(shapes, tokens, sparsities, dtype, device, backends, tile,  # type: ignore[arg-type]
                                          rounds=args.rounds, budget=args.budget,
                                          max_flops=None if max_gflop is None else max_gflop * 1e9)
-        print(f"\n== {dtype_name}, backends {','.join(backends)}: speedup = dense F.linear time / hybrid time ==")
+        print(f"\n== {dtype_name}, backends {','.join(backends)}: speedup = dense nn.Linear time / HybridLinear time ==")
         print(format_table(cells))
         for line in skipped:
             print(f"skipped: {line}")

@@ -72,7 +72,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"ideal speedups 1/(1-s): {ideal_speedups(sparsities)}")
     cells, skipped = layer_benchmark(shapes, tokens, sparsities, dtype, device, [backend], tile,
                                      rounds=args.rounds, budget=0.03)
-    print(f"\n{args.dtype}, backend {backend}: speedup = dense F.linear time / hybrid time (best of {args.rounds})")
+    print(f"\n{args.dtype}, backend {backend}: speedup = dense nn.Linear time / HybridLinear time (best of {args.rounds})")
     print(format_table(cells))
     if args.json:
         figures = {"cells": [{"shape": list(c.shape), "tokens": c.tokens, "dense_seconds": c.dense_seconds,

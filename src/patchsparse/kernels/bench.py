@@ -1,4 +1,4 @@
-"""Layer-level benchmark of hybrid layers against the dense `F.linear`, measured in one run.
+"""Layer-level benchmark of hybrid layers against dense `nn.Linear`, measured in one run.
 
 Used by `benchmarks/hybrid_matmul.py` and `patchsparse bench`. Every variant of one
 (shape, tokens) cell is timed in interleaved rounds (dense, hybrid 25%, 35%, …, dense, …), so
@@ -82,7 +82,7 @@ def layer_benchmark(shapes: list[tuple[int, int]], tokens: list[int], sparsities
     bar = progress(total=len(shapes) * len(tokens), desc=f"layer benchmark {str(dtype).replace('torch.', '')}")
     for out_f, in_f in shapes:
         torch.manual_seed(seed)
-        linear = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+        linear = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype).requires_grad_(False)
         hybrids: dict[str, HybridLinear] = {}
         for sparsity in sparsities:
             for backend in backends:
@@ -100,9 +100,8 @@ def layer_benchmark(shapes: list[tuple[int, int]], tokens: list[int], sparsities
                 skipped.append(f"{out_f}x{in_f} at {n} tokens ({flops / 1e9:.0f} GFLOP > limit)")
                 continue
             x = torch.randn(n, in_f, device=device, dtype=dtype)
-            weight = linear.weight
-            with torch.no_grad():
-                fns = [lambda: torch.nn.functional.linear(x, weight)]
+            with torch.no_grad():  # both sides are modules, as in a model after the swap
+                fns = [lambda: linear(x)]
                 fns += [(lambda h=h: h(x)) for h in hybrids.values()]
                 times = time_interleaved(fns, device, rounds, budget)
             best = [min(t) for t in times]

@@ -61,6 +61,8 @@ def _put_ninja_on_path() -> None:
 def load_cpu_kernel() -> ModuleType | None:
     """The compiled module, building it the first time; None when it cannot be built."""
     global _module, _status
+    if _status is not None:  # fast path: called on every forward
+        return _module
     with _lock:
         if _status is not None:
             return _module

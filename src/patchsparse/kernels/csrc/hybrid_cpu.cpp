@@ -270,8 +270,8 @@ void unpack_rows(const T* all, const Layout& L, int64_t in_features, int64_t row
       const int rows = static_cast<int>(std::min<int64_t>(ROWS, L.out_features - b * ROWS));
       for (int64_t s = 0; s < L.n_chunks; ++s) {
         if (s < ns) {
+          std::memset(chunk, 0, sizeof(chunk));  // all-zero bits are 0.0 in every float format
           for (int r = 0; r < ROWS; ++r) {
-            for (int k = 0; k < CHUNK; ++k) chunk[r][k] = T(0);
             const int m = meta[s * ROWS + r];
             chunk[r][m & 3] = vals[r];
             chunk[r][(m >> 2) & 3] = vals[ROWS + r];
@@ -286,8 +286,12 @@ void unpack_rows(const T* all, const Layout& L, int64_t in_features, int64_t row
         }
         const int64_t base = static_cast<int64_t>(cols[s]) * CHUNK;
         const int width = static_cast<int>(std::min<int64_t>(CHUNK, in_features - base));
-        for (int r = 0; r < rows; ++r)
-          std::memcpy(dst + (b * ROWS + r - row0) * in_features + base, chunk[r], width * sizeof(T));
+        T* out = dst + (b * ROWS - row0) * in_features + base;
+        if (width == CHUNK) {  // constant-size copies compile to plain moves
+          for (int r = 0; r < rows; ++r) std::memcpy(out + r * in_features, chunk[r], CHUNK * sizeof(T));
+        } else {
+          for (int r = 0; r < rows; ++r) std::memcpy(out + r * in_features, chunk[r], width * sizeof(T));
+        }
       }
     }
   });
