@@ -68,3 +68,9 @@ def test_windows():
     assert torch.all(a[:, 1:] - a[:, :-1] == 1)  # contiguous windows
     blocks = shuffled_blocks(ids, 2, seed=0)
     assert sorted(blocks[:, 0].tolist()) == [0, 2, 4, 6, 8]
+
+
+def test_hub_dataset_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PatchsparseError, match="unreachable"):
+        load_corpus("wikitext2")

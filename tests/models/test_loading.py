@@ -26,7 +26,7 @@ def test_bad_model_specs(tmp_path):
 
 def test_unknown_hub_id_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PatchsparseError, match="not a built-in model"):
+    with pytest.raises(PatchsparseError, match="unreachable"):
         load_model("no-such-org/no-such-model")
 
 

@@ -15,6 +15,9 @@ COMMAND_MODULES = (
     "patchsparse.cli.info",
     "patchsparse.cli.evaluate",
     "patchsparse.cli.run",
+    "patchsparse.cli.apply",
+    "patchsparse.cli.export",
+    "patchsparse.cli.report",
     "patchsparse.cli.bench",
 )
 

@@ -10,11 +10,29 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask can only be read by setting it, which would race with other threads.
+_UMASK = _read_umask()
+
+
+def usual_file_modes(directory: Path) -> None:
+    """Give every file under `directory` the mode the umask allows (some writers make files private)."""
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; give it the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -40,6 +58,7 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; give it the usual mode
         yield tmp
         if final.exists():
             if not overwrite:

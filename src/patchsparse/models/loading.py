@@ -83,6 +83,11 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
     else:
         source, local = spec, False
         identity.update(name=spec, source="huggingface hub")
+        if not hub_reachable():
+            known = ", ".join(sorted(BUILTIN_MODELS))
+            raise PatchsparseError(
+                f"cannot load '{spec}': not a built-in model ({known}), not a local directory, and the "
+                f"Hugging Face hub is unreachable (offline)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(
@@ -104,6 +109,23 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
         identity["revision"] = revision
     identity["architecture"] = (model.config.architectures or [type(model).__name__])[0]
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Fail fast offline: huggingface_hub would otherwise retry for about a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy a direct probe proves nothing; let the hub client try
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _first_line(exc: BaseException) -> str:
