@@ -8,6 +8,7 @@ Per variant: prefill time (prompt + first token) and decode tokens/s = (N − 1)
 
     python benchmarks/generate.py                                  # default model, CPU, fp32
     python benchmarks/generate.py --device cuda --dtype bfloat16 --batch 16
+    python benchmarks/generate.py --masks runs/my-mask                # a saved (e.g. learned) mask too
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
+    parser.add_argument("--masks", type=Path, default=None,
+                        help="also time a saved mask directory (e.g. a learned mask) beside the synthetic ones")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -76,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
           f"prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, tile {tile}, rounds {args.rounds} "
           f"(median), backend {args.backend}")
     variants = {"dense": dense}
+    if args.masks is not None:
+        from patchsparse.io.maskfile import load_mask_spec
+
+        spec = load_mask_spec(args.masks, dense)                                # checked on the dense model
+        model = copy.deepcopy(dense)
+        convert_model(model, spec, backend=args.backend)
+        variants[f"masks {args.masks.name} (s={spec.sparsity():.3f})"] = model
     for sparsity in progress(sparsities, desc="converting"):
         model = copy.deepcopy(dense)
         spec = synthetic_spec(select_linears(model), sparsity, tile)
