@@ -54,7 +54,10 @@ def _map_tensors(packed: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any
 
 
 class HybridLinear(nn.Module):
-    """y = x W^T + b with W stored packed: dense tiles dense, 2:4 tiles compressed."""
+    """y = x W^T + b with W stored packed: dense tiles dense, 2:4 tiles compressed.
+
+    Inference only: the packed weight is frozen and the compiled kernels have no backward.
+    """
 
     def __init__(self, packed: RowBlockPacked | TilePacked | SplitPacked | StripePacked, backend: str,
                  bias: torch.Tensor | None):

@@ -107,11 +107,25 @@ def padded_parts(weight: torch.Tensor, mask: LayerMask, dtype: torch.dtype, out_
     pad = (0, in_p - in_f, 0, out_p - out_f)
     masked = F.pad((weight.detach().cpu() * mask.keep_mask()).to(dtype), pad)     # (out_p, in_p)
     dense = F.pad(dense_region(mask), pad)                                          # (out_p, in_p)
-    keep_sparse = F.pad(mask.sparse_keep, pad).reshape(out_p, in_p // 4, 4)
-    keep_sparse[keep_sparse.sum(-1) == 0] = torch.tensor([True, True, False, False])
-    first = keep_sparse.to(torch.int8).argmax(-1).long()
-    last = 3 - keep_sparse.flip(-1).to(torch.int8).argmax(-1).long()
+    keep = F.pad(mask.sparse_keep, pad).view(out_p, in_p // 4, 4).to(torch.uint8)
+    code = keep[..., 0] | (keep[..., 1] << 1) | (keep[..., 2] << 2) | (keep[..., 3] << 3)  # (out_p, G)
+    first = _FIRST_KEPT[code.long()]
+    last = _LAST_KEPT[code.long()]
     return masked, dense, first, last
+
+
+def _kept_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """For each 4-bit keep code: the first and the last kept position; 0 and 1 (the pattern 1100)
+    for an empty group (padding), and only meaningful for codes with two bits set."""
+    first, last = [], []
+    for code in range(16):
+        kept = [j for j in range(4) if code >> j & 1] or [0, 1]
+        first.append(kept[0])
+        last.append(kept[-1] if len(kept) > 1 else 1 if kept[0] == 0 else kept[0])
+    return torch.tensor(first), torch.tensor(last)
+
+
+_FIRST_KEPT, _LAST_KEPT = _kept_tables()
 
 
 @torch.no_grad()
@@ -124,33 +138,39 @@ def pack_rowblocks(weight: torch.Tensor, mask: LayerMask, dtype: torch.dtype | N
     masked, dense, first, last = padded_parts(weight, mask, dtype or weight.dtype, out_p, in_p)
 
     is_sparse = ~dense.view(nb, ROWS, nc, CHUNK).any(dim=(1, 3))           # (NB, NC)
-    # Sparse first, then dense, each in column order (stable sort on "is dense").
-    order = torch.sort((~is_sparse).to(torch.int8), dim=1, stable=True).indices  # (NB, NC)
-    sparse_ordered = torch.gather(is_sparse, 1, order)                      # (NB, NC)
-
-    groups = masked.view(out_p, in_p // 4, 4)
-    kept_vals = torch.stack([groups.gather(-1, first[..., None])[..., 0],
-                             groups.gather(-1, last[..., None])[..., 0]], dim=-1)  # (out_p, G, 2)
-    # (NB, 8 rows, NC, 2 groups, 2 slots) -> (NB, NC, 4 slots, 8 rows)
-    sparse_blocks = kept_vals.view(nb, ROWS, nc, 4).permute(0, 2, 3, 1).reshape(nb, nc, SPARSE_VALUES)
-    dense_blocks = masked.view(nb, ROWS, nc, CHUNK).permute(0, 2, 3, 1).reshape(nb, nc, DENSE_VALUES)
-    pos = (first | (last << 2)).view(nb, ROWS, nc, 2)  # (NB, 8, NC, 2)
-    meta_blocks = (pos[..., 0] | (pos[..., 1] << 4)).to(torch.uint8).permute(0, 2, 1)  # (NB, NC, 8)
-
-    # One padded (NB, NC, 64) buffer in stored order; a sparse chunk uses its first 32 entries.
-    blocks = torch.where(is_sparse[..., None],
-                         torch.nn.functional.pad(sparse_blocks, (0, DENSE_VALUES - SPARSE_VALUES)), dense_blocks)
-    blocks = torch.gather(blocks, 1, order[..., None].expand(-1, -1, DENSE_VALUES))
-    used = torch.arange(DENSE_VALUES) < SPARSE_VALUES
-    valid = used | ~sparse_ordered[..., None]                                # (NB, NC, 64)
-    values = blocks[valid]                                                    # row-major = concatenation
-    meta = torch.gather(meta_blocks, 1, order[..., None].expand(-1, -1, ROWS))[sparse_ordered].reshape(-1)
-
     n_sparse = is_sparse.sum(1)                                              # (NB,)
     block_values = n_sparse * SPARSE_VALUES + (nc - n_sparse) * DENSE_VALUES
     value_offsets = torch.cumsum(block_values, 0) - block_values
     meta_offsets = torch.cumsum(n_sparse * ROWS, 0) - n_sparse * ROWS
-    return RowBlockPacked(out_f, in_f, values.contiguous(), meta.contiguous(), order.to(torch.int32).contiguous(),
+
+    # Stored position of every chunk within its row block: sparse ones first, then dense ones,
+    # each in column order. Every size is a multiple of 32 values, so chunks are rows of 32.
+    sparse_rank = torch.cumsum(is_sparse, 1) - 1
+    dense_rank = torch.cumsum(~is_sparse, 1) - 1
+    position = torch.where(is_sparse, sparse_rank, n_sparse[:, None] + dense_rank)   # (NB, NC)
+    row32 = (value_offsets // SPARSE_VALUES)[:, None] + torch.where(
+        is_sparse, sparse_rank, n_sparse[:, None] + 2 * dense_rank)                   # (NB, NC)
+    chunk_cols = torch.empty(nb, nc, dtype=torch.int64).scatter_(
+        1, position, torch.arange(nc).expand(nb, nc))
+
+    groups = masked.view(out_p, in_p // 4, 4)
+    kept_vals = torch.stack([groups.gather(-1, first[..., None])[..., 0],
+                             groups.gather(-1, last[..., None])[..., 0]], dim=-1)  # (out_p, G, 2)
+    # (NB, 8 rows, NC, 2 groups, 2 slots) -> (NB, NC, 4 slots, 8 rows); index only the chunks used
+    sparse_view = kept_vals.view(nb, ROWS, nc, 4).permute(0, 2, 3, 1)
+    dense_view = masked.view(nb, ROWS, nc, CHUNK).permute(0, 2, 3, 1)          # (NB, NC, 8 in, 8 rows)
+    values = torch.empty(int(block_values.sum()) // SPARSE_VALUES, SPARSE_VALUES, dtype=masked.dtype)
+    values[row32[is_sparse]] = sparse_view[is_sparse].reshape(-1, SPARSE_VALUES)
+    dense_chunks = dense_view[~is_sparse].reshape(-1, 2, SPARSE_VALUES)       # (Nd, 2, 32)
+    dense_rows = row32[~is_sparse]
+    values[dense_rows] = dense_chunks[:, 0]
+    values[dense_rows + 1] = dense_chunks[:, 1]
+
+    pos = (first | (last << 2)).view(nb, ROWS, nc, 2)                         # (NB, 8, NC, 2)
+    meta_blocks = (pos[..., 0] | (pos[..., 1] << 4)).to(torch.uint8).permute(0, 2, 1)  # (NB, NC, 8)
+    meta = torch.empty(int(n_sparse.sum()), ROWS, dtype=torch.uint8)
+    meta[((meta_offsets // ROWS)[:, None] + sparse_rank)[is_sparse]] = meta_blocks[is_sparse]
+    return RowBlockPacked(out_f, in_f, values.view(-1), meta.view(-1), chunk_cols.to(torch.int32),
                           n_sparse.to(torch.int32), value_offsets.to(torch.int64), meta_offsets.to(torch.int64))
 
 
