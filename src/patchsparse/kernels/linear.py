@@ -67,6 +67,7 @@ class HybridLinear(nn.Module):
         self.in_features = packed.in_features
         self.out_features = packed.out_features
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._direct = None  # cached fast path of the CPU kernel (None: not looked up yet, False: none)
 
     @classmethod
     @torch.no_grad()
@@ -100,10 +101,30 @@ class HybridLinear(nn.Module):
         return self.packed.dense_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)                       # (T, in)
-        y = self._forward2d(x2)                                    # (T, out)
-        return y.reshape(*lead, self.out_features)
+        direct = self._direct_call()
+        if direct is not None and x2.shape[0] <= direct[2] and x.device.type == "cpu":
+            # decode fast path: one call into the compiled kernel (Python overhead matters at 10 us)
+            y = direct[0](x2, *direct[1], self.bias, True)
+        else:
+            y = self._forward2d(x2)                                # (T, out)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _direct_call(self):
+        """(kernel, its layout arguments, max tokens) when the CPU decode kernel applies, else None."""
+        if self._direct is False:
+            return None
+        if self._direct is None:
+            packed = self.packed
+            module = cpu_kernel.load_cpu_kernel() if self.backend == "cpu" else None
+            if module is None or packed.values.device.type != "cpu":
+                self._direct = False
+                return None
+            self._direct = (module.hybrid_linear,
+                            (packed.values, packed.meta, packed.chunk_cols, packed.n_sparse, packed.value_offsets,
+                             packed.meta_offsets, packed.out_features, packed.in_features),
+                            CPU_DIRECT_MAX_TOKENS.get(packed.dtype, 64))
+        return self._direct
 
     def _forward2d(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "cpu" and x.device.type == "cpu" and cpu_kernel.cpu_kernel_available():
@@ -143,6 +164,7 @@ class HybridLinear(nn.Module):
         return p.tile_values.device if isinstance(p, SplitPacked) else p.dense_weight_rows.device
 
     def _apply(self, fn, recurse=True):
+        self._direct = None
         if isinstance(self.packed, (RowBlockPacked, TilePacked)):
             self.packed = _map_tensors(self.packed, fn)
         else:  # semi-structured operands cannot be moved: only no-op device/dtype changes pass
