@@ -74,9 +74,15 @@ def test_auto_picks_cpu_for_cpu_weights():
 def test_module_to_dtype_moves_the_packed_values():
     linear = nn.Linear(64, 32)
     mask = synthetic_layer_mask(linear.weight, 0.45, (16, 16))
-    hybrid = HybridLinear.from_dense(linear, mask).to(torch.bfloat16)
+    hybrid = HybridLinear.from_dense(linear, mask)
+    x = torch.randn(3, 64)
+    assert hybrid(x).dtype == torch.float32                   # caches the fp32 fast path, if any
+    hybrid = hybrid.to(torch.bfloat16)
     assert hybrid.packed.values.dtype == torch.bfloat16 and hybrid.packed.meta.dtype == torch.uint8
-    torch.testing.assert_close(hybrid.dense_weight(), (linear.weight * mask.keep_mask()).to(torch.bfloat16))
+    expected = (linear.weight * mask.keep_mask()).to(torch.bfloat16)
+    torch.testing.assert_close(hybrid.dense_weight(), expected)
+    torch.testing.assert_close(hybrid(x.to(torch.bfloat16)).float(),
+                               x @ expected.float().T + linear.bias.to(torch.bfloat16).float(), rtol=2e-2, atol=2e-2)
 
 
 def tiny_spec(model, sparsity, tile=(16, 16)):
@@ -117,9 +123,10 @@ def test_convert_model_checks_everything_before_changing_anything(tiny_model):
 
 
 def test_reference_fallback_when_kernel_unavailable(monkeypatch):
-    monkeypatch.setattr(cpu_kernel, "cpu_kernel_available", lambda: False)
+    monkeypatch.setattr(cpu_kernel, "load_cpu_kernel", lambda: None)
     linear = nn.Linear(64, 48)
     mask = synthetic_layer_mask(linear.weight, 0.45, (16, 16))
     hybrid = HybridLinear.from_dense(linear, mask, backend="cpu")
     x = torch.randn(2, 64)
     torch.testing.assert_close(hybrid(x), masked_linear(linear, mask)(x))
+    assert hybrid._direct is False                             # the compiled path was not taken
