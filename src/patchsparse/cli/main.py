@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "patchsparse.cli.info",
     "patchsparse.cli.evaluate",
     "patchsparse.cli.run",
+    "patchsparse.cli.prune",
     "patchsparse.cli.apply",
     "patchsparse.cli.export",
     "patchsparse.cli.report",
