@@ -81,7 +81,8 @@ def load_cpu_kernel() -> ModuleType | None:
                 log("building the hybrid CPU kernel (once, about a minute) …")
             _module = load(name="patchsparse_hybrid_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS,
                            extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
-            _status = "vector (AVX2+FMA)" if _module.has_vector_kernel() else "portable scalar loop"
+            _status = {2: "vector (AVX-512)", 1: "vector (AVX2+FMA)"}.get(_module.vector_level(),
+                                                                         "portable scalar loop")
         except Exception as exc:  # no compiler, no ninja, build error: the reference still works
             _module = None
             _status = f"unavailable ({type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''})"
@@ -98,13 +99,17 @@ def cpu_kernel_available() -> bool:
 
 
 def cpu_hybrid_linear(x: torch.Tensor, packed: RowBlockPacked, bias: torch.Tensor | None,
-                      use_vector: bool = True) -> torch.Tensor:
-    """x (tokens, in) -> (tokens, out) with the compiled kernel. Caller checks availability."""
+                      isa: int = 2) -> torch.Tensor:
+    """x (tokens, in) -> (tokens, out) with the compiled kernel. Caller checks availability.
+
+    `isa` caps the instruction set: 2 = AVX-512, 1 = AVX2+FMA, 0 = scalar (for tests); a level
+    the build lacks falls back to the next one.
+    """
     module = load_cpu_kernel()
     assert module is not None, "cpu_hybrid_linear called without the compiled kernel"
     return module.hybrid_linear(x, packed.values, packed.meta, packed.chunk_cols, packed.n_sparse,
                                 packed.value_offsets, packed.meta_offsets, packed.out_features,
-                                packed.in_features, bias, use_vector)
+                                packed.in_features, bias, isa)
 
 
 def cpu_hybrid_linear_prefill(x: torch.Tensor, packed: RowBlockPacked, bias: torch.Tensor | None,

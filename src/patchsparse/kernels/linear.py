@@ -35,8 +35,9 @@ BACKENDS = ("auto", "cpu", "reference", "stripe", "split", "triton")
 
 # Above this many tokens the CPU path expands bands of the weight and runs the BLAS GEMM instead
 # of the decode kernel (crossovers measured with benchmarks/hybrid_matmul.py, docs/KERNELS.md):
-# fp32 BLAS is slow for small batches, while bf16 BLAS (AVX512-BF16) wins from 2–4 tokens on.
-CPU_DIRECT_MAX_TOKENS = {torch.float32: 64, torch.bfloat16: 2, torch.float16: 64}
+# fp32 BLAS is slow for small batches; bf16 BLAS (AVX512-BF16 dot products) catches up with the
+# decode kernel at about 16 tokens.
+CPU_DIRECT_MAX_TOKENS = {torch.float32: 64, torch.bfloat16: 16, torch.float16: 64}
 
 
 def choose_backend(weight: torch.Tensor, mask: LayerMask, dtype: torch.dtype) -> str:
@@ -105,7 +106,7 @@ class HybridLinear(nn.Module):
         direct = self._direct_call()
         if direct is not None and x2.shape[0] <= direct[2] and x.device.type == "cpu":
             # decode fast path: one call into the compiled kernel (Python overhead matters at 10 us)
-            y = direct[0](x2, *direct[1], self.bias, True)
+            y = direct[0](x2, *direct[1], self.bias, 2)
         else:
             y = self._forward2d(x2)                                # (T, out)
         return y.view(*x.shape[:-1], self.out_features)

@@ -1,7 +1,8 @@
 // CPU kernels for the packed row-block hybrid (dense / 2:4) format; see kernels/packing.py.
 //
 // Decode (a few tokens) is limited by how many weight bytes are read, so the kernel streams each
-// row block once per group of up to 4 tokens and keeps 8 output rows in one AVX2 register:
+// row block once per group of up to 4 tokens and keeps 8 output rows in one AVX2 register
+// (AVX-512 where compiled: two slots of the same 8 rows per register, see row_block_avx512):
 //   * a 2:4 chunk (8 inputs x 8 rows) holds 4 values per row plus one metadata byte per row; the
 //     8 inputs are loaded into one register and `vpermps` picks, for each row (lane), the input
 //     its kept value multiplies: 4 permutes + 4 FMAs instead of 8 FMAs, and ~half the bytes;
@@ -102,6 +103,68 @@ void row_block_avx2(const T* vals, const uint8_t* meta, const int32_t* cols, int
 }
 #endif
 
+#if defined(PATCHSPARSE_AVX2) && defined(__AVX512F__) && defined(__AVX512DQ__)
+#define PATCHSPARSE_AVX512 1
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The same sums with 16 lanes on the same format: lanes 0-7 take one slot (or column) of the
+// 8 rows and lanes 8-15 the next, which are adjacent in memory; the chunk's 8 inputs sit in
+// both halves of one register. 2 permutes + 2 FMAs per 2:4 chunk and token (AVX2: 4 + 4).
+template <typename T, int NT>
+void row_block_avx512(const T* vals, const uint8_t* meta, const int32_t* cols, int n_sparse, int n_chunks,
+                      const float* x, int64_t ldx, float* out) {
+  constexpr int NACC = NT == 1 ? 2 : 1;
+  __m512 acc[NT][NACC];
+  for (int t = 0; t < NT; ++t)
+    for (int a = 0; a < NACC; ++a) acc[t][a] = _mm512_setzero_ps();
+  const __m512i three = _mm512_set1_epi32(3);
+  const __m512i four = _mm512_set1_epi32(4);
+  // per-lane shifts of the metadata byte: slots 0|1 and 2|3 (arguments run from lane 15 to lane 0)
+  const __m512i shift01 = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i shift23 = _mm512_set_epi32(6, 6, 6, 6, 6, 6, 6, 6, 4, 4, 4, 4, 4, 4, 4, 4);
+
+  for (int s = 0; s < n_sparse; ++s, vals += SPARSE_VALUES, meta += ROWS) {
+    const int64_t base = static_cast<int64_t>(cols[s]) * CHUNK;
+    const __m256i m8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta)));
+    const __m512i m = _mm512_inserti64x4(_mm512_castsi256_si512(m8), m8, 1);
+    const __m512i idx01 = _mm512_and_si512(_mm512_srlv_epi32(m, shift01), three);
+    const __m512i idx23 = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(m, shift23), three), four);
+    const __m512 w01 = load16(vals);
+    const __m512 w23 = load16(vals + 2 * ROWS);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(x + t * ldx + base));
+      acc[t][0] = _mm512_fmadd_ps(w01, _mm512_permutexvar_ps(idx01, xv), acc[t][0]);
+      acc[t][NACC - 1] = _mm512_fmadd_ps(w23, _mm512_permutexvar_ps(idx23, xv), acc[t][NACC - 1]);
+    }
+  }
+  for (int d = n_sparse; d < n_chunks; ++d, vals += DENSE_VALUES) {
+    const int64_t base = static_cast<int64_t>(cols[d]) * CHUNK;
+    __m512 xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = _mm512_broadcast_f32x8(_mm256_loadu_ps(x + t * ldx + base));
+    for (int k = 0; k < CHUNK; k += 2) {
+      const __m512i pick = _mm512_set_epi32(k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, k + 1,
+                                            k, k, k, k, k, k, k, k);
+      const __m512 w = load16(vals + k * ROWS);
+      for (int t = 0; t < NT; ++t)
+        acc[t][(k / 2) % NACC] = _mm512_fmadd_ps(w, _mm512_permutexvar_ps(pick, xv[t]), acc[t][(k / 2) % NACC]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    __m512 sum = acc[t][0];
+    for (int a = 1; a < NACC; ++a) sum = _mm512_add_ps(sum, acc[t][a]);
+    const __m256 rows = _mm256_add_ps(_mm512_castps512_ps256(sum), _mm512_extractf32x8_ps(sum, 1));
+    _mm256_storeu_ps(out + t * ROWS, rows);
+  }
+}
+#endif
+
 // Portable version of the same sums (also the reference for the vector code's bookkeeping).
 template <typename T>
 void row_block_scalar(const T* vals, const uint8_t* meta, const int32_t* cols, int n_sparse, int n_chunks,
@@ -128,16 +191,27 @@ void row_block_scalar(const T* vals, const uint8_t* meta, const int32_t* cols, i
   }
 }
 
+// isa: 2 = AVX-512 where compiled, 1 = AVX2, 0 = scalar; a level that is not compiled falls back.
 template <typename T>
 void run_row_block(const T* vals, const Layout& L, int64_t b, const float* x, int64_t ldx, int nt,
-                   bool use_vector, float* out) {
+                   int isa, float* out) {
   const uint8_t* meta = L.meta + L.meta_off[b];
   const int32_t* cols = L.cols + b * L.n_chunks;
   const int ns = L.n_sparse[b];
   const int nc = static_cast<int>(L.n_chunks);
   vals += L.value_off[b];
+#ifdef PATCHSPARSE_AVX512
+  if (isa >= 2) {
+    switch (nt) {
+      case 1: return row_block_avx512<T, 1>(vals, meta, cols, ns, nc, x, ldx, out);
+      case 2: return row_block_avx512<T, 2>(vals, meta, cols, ns, nc, x, ldx, out);
+      case 3: return row_block_avx512<T, 3>(vals, meta, cols, ns, nc, x, ldx, out);
+      default: return row_block_avx512<T, 4>(vals, meta, cols, ns, nc, x, ldx, out);
+    }
+  }
+#endif
 #ifdef PATCHSPARSE_AVX2
-  if (use_vector) {
+  if (isa >= 1) {
     switch (nt) {
       case 1: return row_block_avx2<T, 1>(vals, meta, cols, ns, nc, x, ldx, out);
       case 2: return row_block_avx2<T, 2>(vals, meta, cols, ns, nc, x, ldx, out);
@@ -146,7 +220,7 @@ void run_row_block(const T* vals, const Layout& L, int64_t b, const float* x, in
     }
   }
 #endif
-  (void)use_vector;
+  (void)isa;
   row_block_scalar<T>(vals, meta, cols, ns, nc, x, ldx, nt, out);
 }
 
@@ -163,7 +237,7 @@ std::vector<int64_t> balanced_splits(const int64_t* value_off, int64_t n_blocks,
 
 template <typename T, typename O>
 void hybrid_matmul_impl(const T* vals, const Layout& L, int64_t total_values, const float* x, int64_t ldx,
-                        int64_t tokens, const float* bias, bool use_vector, O* y) {
+                        int64_t tokens, const float* bias, int isa, O* y) {
   // Waking a second thread costs microseconds (milliseconds on a loaded machine), more than a
   // layer of under ~2 MiB takes to read, so small layers run on the calling thread.
   const int threads = total_values * static_cast<int64_t>(sizeof(T)) < (2 << 20) ? 1 : at::get_num_threads();
@@ -176,7 +250,7 @@ void hybrid_matmul_impl(const T* vals, const Layout& L, int64_t total_values, co
         const int rows = static_cast<int>(std::min<int64_t>(ROWS, L.out_features - row0));
         for (int64_t t0 = 0; t0 < tokens; t0 += MAX_TOKENS) {
           const int nt = static_cast<int>(std::min<int64_t>(MAX_TOKENS, tokens - t0));
-          run_row_block<T>(vals, L, b, x + t0 * ldx, ldx, nt, use_vector, out);
+          run_row_block<T>(vals, L, b, x + t0 * ldx, ldx, nt, isa, out);
           for (int t = 0; t < nt; ++t)
             for (int r = 0; r < rows; ++r) {
               const float v = out[t * ROWS + r] + (bias ? bias[row0 + r] : 0.f);
@@ -213,7 +287,7 @@ Layout layout_of(const at::Tensor& meta, const at::Tensor& cols, const at::Tenso
 at::Tensor hybrid_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                          const at::Tensor& cols, const at::Tensor& n_sparse, const at::Tensor& value_off,
                          const at::Tensor& meta_off, int64_t out_features, int64_t in_features,
-                         const c10::optional<at::Tensor>& bias, bool use_vector) {
+                         const c10::optional<at::Tensor>& bias, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be (tokens, in_features)");
   TORCH_CHECK(!x.is_cuda() && !values.is_cuda(), "CPU kernel");
   TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
@@ -246,7 +320,7 @@ at::Tensor hybrid_linear(const at::Tensor& x, const at::Tensor& values, const at
         TORCH_CHECK(false, "float64 weights are not supported by the hybrid kernel");
       } else {
         hybrid_matmul_impl<V, scalar_t>(values.data_ptr<V>(), L, total, x32.data_ptr<float>(), in_padded,
-                                        tokens, bias_ptr, use_vector, y.data_ptr<scalar_t>());
+                                        tokens, bias_ptr, static_cast<int>(isa), y.data_ptr<scalar_t>());
       }
     });
   });
@@ -340,11 +414,14 @@ at::Tensor hybrid_linear_prefill(const at::Tensor& x, const at::Tensor& values, 
   return y.to(x.scalar_type());
 }
 
-bool has_vector_kernel() {
-#ifdef PATCHSPARSE_AVX2
-  return true;
+// The best instruction-set level compiled in: 2 = AVX-512, 1 = AVX2+FMA, 0 = scalar only.
+int64_t vector_level() {
+#if defined(PATCHSPARSE_AVX512)
+  return 2;
+#elif defined(PATCHSPARSE_AVX2)
+  return 1;
 #else
-  return false;
+  return 0;
 #endif
 }
 
@@ -352,5 +429,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hybrid_linear", &hybrid_linear, "hybrid dense/2:4 linear on the packed row-block format");
   m.def("hybrid_unpack", &hybrid_unpack, "packed row-block format -> masked dense weight");
   m.def("hybrid_linear_prefill", &hybrid_linear_prefill, "hybrid linear for many tokens: banded expand + GEMM");
-  m.def("has_vector_kernel", &has_vector_kernel, "compiled with the AVX2+FMA kernel");
+  m.def("vector_level", &vector_level, "2 = AVX-512, 1 = AVX2+FMA, 0 = scalar only");
 }
