@@ -2,5 +2,6 @@
 # README command (2): set up with the test tools, then run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh dev
+# eval: lm-evaluation-harness, so the zero-shot tests run on the local tasks.
+scripts/setup.sh dev,eval
 exec "${PATCHSPARSE_VENV:-.venv}/bin/python" -m pytest -q "$@"

@@ -18,6 +18,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")
 
 
+def add_placement_args(parser: argparse.ArgumentParser) -> None:
+    """Big models: place layers with accelerate (GPU, then CPU memory, then disk)."""
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="load with a device map instead of --device: auto | balanced | sequential | cpu | "
+                             "cuda[:N]; with auto, layers beyond GPU memory go to CPU memory, then to disk")
+    parser.add_argument("--offload-dir", type=Path, default=None, metavar="DIR",
+                        help="folder for weights offloaded to disk (with --device-map)")
+
+
 def add_data_args(parser: argparse.ArgumentParser, seqlen: int = 512) -> None:
     parser.add_argument("--data", default=DEFAULT_CORPUS,
                         help="'default', a local .txt/.jsonl/.json.gz/.parquet file, or wikitext2 | c4 | slimpajama")

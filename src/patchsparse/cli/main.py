@@ -15,10 +15,12 @@ COMMAND_MODULES = (
     "patchsparse.cli.info",
     "patchsparse.cli.evaluate",
     "patchsparse.cli.run",
+    "patchsparse.cli.prune",
     "patchsparse.cli.learn",
     "patchsparse.cli.apply",
     "patchsparse.cli.export",
     "patchsparse.cli.report",
+    "patchsparse.cli.bench",
 )
 
 

@@ -1,35 +1,224 @@
-"""`patchsparse run`: the main job on the embedded default model and corpus."""
+"""`patchsparse run`: the main job — dense vs SparseGPT 2:4 vs PATCH on the default model.
+
+Each step writes its result record to `OUT/results/<step>.json` when it finishes; a rerun with the
+same settings reuses finished steps (and an interrupted PATCH run resumes from its checkpoint).
+The run directory is also a report directory: `OUT/masks/` (PATCH masks), `OUT/metrics.jsonl`,
+`OUT/results/`, and `patchsparse report OUT` is written at the end.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
-from patchsparse.cli.common import add_json_arg, settings_of
-from patchsparse.cli.evaluate import eval_windows, perplexity_line
+import torch
+import torch.nn as nn
+
+from patchsparse.cli.common import add_json_arg, check_seqlen, positive_int
+from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.corpus import DEFAULT_CORPUS
+from patchsparse.data.windows import shuffled_blocks
+from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
-from patchsparse.models import load_model
+from patchsparse.extract import extract_masks
+from patchsparse.io.atomic import atomic_write_text
+from patchsparse.io.maskfile import save_mask_spec
+from patchsparse.learn.config import replace
+from patchsparse.learn.masked import remove_masks
+from patchsparse.learn.presets import preset_config
+from patchsparse.learn.priors import build_prior
+from patchsparse.learn.trainer import CHECKPOINT_FILE, PRIOR_FILE, learn_masks
+from patchsparse.masks.spec import HybridMaskSpec
+from patchsparse.models import load_model, select_linears
 from patchsparse.models.builtin import DEFAULT_MODEL
+from patchsparse.prior.oneshot import prune_model
+from patchsparse.prior.tile_prior import check_hybrid_sparsity
 from patchsparse.records import make_record, write_record
+from patchsparse.utils import log
+
+RESULTS = "results"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    model: str
+    data: str
+    sparsity: float
+    mode: str
+    prior: str
+    preset: str
+    calib_windows: int
+    eval_windows: int
+    seqlen: int
+    seed: int
+    steps: int | None = None  # overrides the preset's number of optimizer steps
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("run", help="the main job on the default model and corpus")
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=16)
-    add_json_arg(parser)
-    parser.set_defaults(handler=run_main)
+    p = subparsers.add_parser("run", help="the main job: dense vs SparseGPT 2:4 vs PATCH, with a report")
+    p.add_argument("--out", type=Path, default=Path("runs/main"), help="run directory (default: runs/main)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--data", default=DEFAULT_CORPUS)
+    p.add_argument("--sparsity", type=float, default=0.35, help="PATCH target sparsity in [0, 0.5] (default 0.35)")
+    p.add_argument("--mode", choices=("patch-tile", "patch-joint"), default="patch-tile")
+    p.add_argument("--prior", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt")
+    p.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
+    p.add_argument("--calib-windows", type=positive_int, default=32, help="calibration windows of --seqlen tokens")
+    p.add_argument("--eval-windows", type=positive_int, default=16, help="evaluation windows of --seqlen tokens")
+    p.add_argument("--seqlen", type=positive_int, default=512, help="calibration and evaluation window length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=None, help="PATCH optimizer steps (default: the preset's)")
+    p.add_argument("--fresh", action="store_true", help="recompute every step instead of reusing finished ones")
+    add_json_arg(p)
+    p.set_defaults(handler=run_main)
+
+
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    check_hybrid_sparsity(args.sparsity)
+    return RunSettings(model=args.model, data=args.data, sparsity=args.sparsity, mode=args.mode, prior=args.prior,
+                       preset=args.preset, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
+                       seqlen=args.seqlen, seed=args.seed, steps=args.steps)
+
+
+def finished_step(path: Path, settings: RunSettings) -> dict[str, Any] | None:
+    """The step's record when it was finished with the same settings, else None."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("settings") == settings.as_dict() else None
+
+
+@torch.no_grad()
+def _snapshot(linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    return {name: module.weight.detach().clone() for name, module in linears.items()}
+
+
+@torch.no_grad()
+def _restore(linears: dict[str, nn.Linear], saved: dict[str, torch.Tensor]) -> None:
+    for name, module in linears.items():
+        module.weight.copy_(saved[name])
+
+
+def masked_perplexity(model: nn.Module, spec: HybridMaskSpec, windows: torch.Tensor, desc: str) -> float:
+    """Perplexity with `spec` applied; the original weights are put back afterwards."""
+    linears = spec.check_matches(model)
+    saved = _snapshot(linears)
+    try:
+        spec.apply_(model)
+        return evaluate_perplexity(model, windows, desc=desc).perplexity
+    finally:
+        _restore(linears, saved)
 
 
 def run_main(args: argparse.Namespace) -> int:
-    loaded = load_model(DEFAULT_MODEL, dtype="float32", device="auto")
-    corpus, windows = eval_windows(loaded, DEFAULT_CORPUS, args.seqlen, args.eval_windows)
-    start = time.perf_counter()
-    dense = evaluate_perplexity(loaded.model, windows, desc="dense perplexity")
-    seconds = time.perf_counter() - start
-    print(perplexity_line(f"dense {DEFAULT_MODEL} on {corpus.name} (eval split)", dense, seconds))
+    settings = settings_from_args(args)
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise PatchsparseError(f"--out {out} exists and is not a directory")
+    (out / RESULTS).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+
+    loaded = load_model(settings.model, dtype="float32", device="auto")
+    model = loaded.model
+    check_seqlen(settings.seqlen, loaded.max_positions)
+    corpus = load_corpus(settings.data)
+    train_ids = tokenize_texts(loaded.tokenizer, corpus.train)
+    eval_windows = sequential_windows(tokenize_texts(loaded.tokenizer, corpus.eval), settings.seqlen,
+                                      settings.eval_windows)
+    device = next(model.parameters()).device
+
+    def calibration() -> torch.Tensor:
+        return random_windows(train_ids, settings.calib_windows, settings.seqlen, settings.seed).to(device)
+
+    def step(name: str, label: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        path = out / RESULTS / f"{name}.json"
+        record = None if args.fresh else finished_step(path, settings)
+        if record is not None:
+            log(f"[{label}] reusing {path}")
+            return record["figures"]
+        log(f"[{label}] running …")
+        start = time.perf_counter()
+        figures = compute()
+        figures["seconds"] = round(time.perf_counter() - start, 1)
+        record = make_record("run", settings.as_dict(), loaded.identity, figures)
+        record["label"] = label
+        write_record(path, record)
+        return figures
+
+    def dense() -> dict[str, Any]:
+        result = evaluate_perplexity(model, eval_windows, desc="dense perplexity")
+        return {"perplexity": result.perplexity, "sparsity": 0.0, "tokens_scored": result.tokens_scored,
+                "corpus": corpus.name}
+
+    def sparsegpt_2of4() -> dict[str, Any]:
+        linears = select_linears(model)
+        original = _snapshot(linears)
+        try:
+            spec = prune_model(model, calibration(), "sparsegpt", "2:4", update_weights=True)
+            updated = {name: module.weight.detach().cpu().clone() for name, module in linears.items()}
+            perplexity = evaluate_perplexity(model, eval_windows, desc="SparseGPT 2:4 perplexity").perplexity
+        finally:
+            _restore(linears, original)
+        save_mask_spec(spec, out / "baselines" / "sparsegpt-2of4", identity=loaded.identity, base_model=model,
+                       updated_weights=updated, overwrite=True, extra={"method": "sparsegpt", "pattern": "2:4"})
+        return {"perplexity": perplexity, "sparsity": spec.sparsity(), "corpus": corpus.name,
+                "masks": str(out / "baselines" / "sparsegpt-2of4")}
+
+    def patch() -> dict[str, Any]:
+        config = preset_config(settings.preset, settings.mode, settings.sparsity)
+        if settings.steps is not None:
+            config = replace(config, train=replace(config.train, steps=settings.steps))
+        resume = (out / CHECKPOINT_FILE).is_file() or (out / PRIOR_FILE).is_file()
+        prior = None
+        if not resume:
+            prior = build_prior(model, calibration(), settings.prior, settings.sparsity, config.mask.tile,
+                                config.mask.selection)
+        windows = shuffled_blocks(train_ids, config.train.seqlen, settings.seed)
+        result = learn_masks(model, windows, config, prior, out, resume=resume)
+        spec = extract_masks(model, "exact", settings.sparsity, settings.mode,
+                             metadata={"prior": settings.prior, "preset": settings.preset})
+        remove_masks(model)
+        save_mask_spec(spec, out / "masks", identity=loaded.identity, base_model=model, overwrite=True,
+                       extra={"learn_config": config.to_dict(), "steps_run": result.steps_run})
+        perplexity = masked_perplexity(model, spec, eval_windows, f"PATCH {settings.sparsity:.0%} perplexity")
+        return {"perplexity": perplexity, "sparsity": spec.sparsity(), "corpus": corpus.name,
+                "steps": config.train.steps, "masks": str(out / "masks")}
+
+    started = time.perf_counter()
+    rows = [
+        ("dense", step("dense", "dense", dense)),
+        ("SparseGPT 2:4", step("sparsegpt-2of4", "SparseGPT 2:4", sparsegpt_2of4)),
+        (f"PATCH {settings.mode} {settings.sparsity:.0%}",
+         step("patch", f"PATCH {settings.mode} {settings.sparsity:.0%}", patch)),
+    ]
+    from patchsparse.report.build import build_report
+
+    report = build_report(out)
+    table = comparison_table(rows, eval_windows)
+    print(table)
+    print(f"report: {report}")
+    atomic_write_text(out / "summary.md", table + "\n")
     if args.json:
-        write_record(args.json, make_record("run", settings_of(args), loaded.identity,
-                                            {"dense": dense.as_dict(), "seconds": seconds}))
+        figures = {label: figs for label, figs in rows}
+        figures["seconds"] = round(time.perf_counter() - started, 1)
+        write_record(args.json, make_record("run", settings.as_dict(), loaded.identity, figures))
     return 0
+
+
+def comparison_table(rows: list[tuple[str, dict[str, Any]]], eval_windows: torch.Tensor) -> str:
+    dense = rows[0][1]["perplexity"]
+    n, seqlen = eval_windows.shape
+    lines = [f"perplexity on the evaluation split ({n} windows of {seqlen} tokens)", "",
+             "| method | sparsity | perplexity | vs dense | seconds |", "|---|---|---|---|---|"]
+    for label, figures in rows:
+        lines.append(f"| {label} | {figures['sparsity']:.1%} | {figures['perplexity']:.2f} | "
+                     f"{figures['perplexity'] / dense:.2f}x | {figures.get('seconds', 0):.0f} |")
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from patchsparse.models.loading import input_device
 from patchsparse.utils import progress
 
 
@@ -44,14 +45,15 @@ def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
 def evaluate_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1,
                         desc: str = "perplexity") -> PerplexityResult:
     """Perplexity of `model` over token windows (n, seqlen)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_nll, count = 0.0, 0
     n, seqlen = windows.shape
     bar = progress(total=n, desc=desc, unit="win")
     for start in range(0, n, batch_size):
         batch = windows[start: start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        total_nll += window_nll(logits, batch).double().sum().item()
+        # With a device map the logits come out on the last layer's device.
+        total_nll += window_nll(logits, batch.to(logits.device)).double().sum().item()
         count += batch.shape[0] * (seqlen - 1)
         bar.update(batch.shape[0])
         bar.set_postfix(ppl=f"{perplexity_from_nll(total_nll, count):.3f}")

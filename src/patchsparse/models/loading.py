@@ -58,17 +58,25 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+               device_map: str | dict | None = None, offload_dir: str | Path | None = None,
                **from_pretrained_kwargs: Any) -> LoadedModel:
     """Load a causal LM with frozen weights in eval mode.
 
     `spec` is a built-in name (`smollm2-135m`), a local Hugging Face model directory, or a hub id.
-    Extra keyword arguments (e.g. `device_map`) go to `from_pretrained`.
+    `device_map` ("auto", "cpu", "cuda:0", a {module: device} dict) places the layers through
+    accelerate instead of moving the whole model to `device`: with "auto", layers that do not
+    fit in GPU memory go to CPU memory, then to disk under `offload_dir`. This is how a model
+    larger than one GPU is loaded in bf16 for evaluation. Extra keyword arguments (e.g.
+    `max_memory`) go to `from_pretrained`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading takes about a second; its bars are noise
-    dev = resolve_device(device)
+    placement = placement_kwargs(device_map, offload_dir)
+    from_pretrained_kwargs = {**placement, **from_pretrained_kwargs}
+    # With a device map the dtype default follows the map's first device, not `device`.
+    dev = resolve_device(device if device_map is None else _first_device(device_map))
     torch_dtype = resolve_dtype(dtype, dev)
     identity: dict[str, Any] = {"spec": spec}
     if spec in BUILTIN_MODELS:
@@ -108,6 +116,13 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
     if revision:
         identity["revision"] = revision
     identity["architecture"] = (model.config.architectures or [type(model).__name__])[0]
+    device_map_used = getattr(model, "hf_device_map", None)
+    if device_map_used:
+        # How many top-level entries of the map sit on each device (gpu index, cpu, disk).
+        placed: dict[str, int] = {}
+        for where in device_map_used.values():
+            placed[str(where)] = placed.get(str(where), 0) + 1
+        identity["placement"] = placed
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
 
 
@@ -126,6 +141,52 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def placement_kwargs(device_map: str | dict | None, offload_dir: str | Path | None) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments for a device map and a disk-offload folder."""
+    if device_map is None:
+        if offload_dir is not None:
+            raise PatchsparseError("an offload directory needs a device map (e.g. --device-map auto)")
+        return {}
+    if isinstance(device_map, str):
+        name = device_map.strip()
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise PatchsparseError(f"device map '{name}' requested but CUDA is not available")
+        if name not in _DEVICE_MAP_STRATEGIES and name != "cpu" and not name.startswith("cuda"):
+            raise PatchsparseError(
+                f"unknown device map '{name}' (choose {', '.join(_DEVICE_MAP_STRATEGIES)}, cpu or cuda[:N])")
+        device_map = name
+    kwargs: dict[str, Any] = {"device_map": device_map}
+    if offload_dir is not None:
+        folder = Path(offload_dir).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise PatchsparseError(f"offload directory '{offload_dir}' exists and is not a directory")
+        folder.mkdir(parents=True, exist_ok=True)
+        kwargs["offload_folder"] = str(folder)
+    return kwargs
+
+
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _first_device(device_map: str | dict) -> str:
+    if isinstance(device_map, dict):
+        values = [str(v) for v in device_map.values()]
+        gpu = [v for v in values if v not in ("cpu", "disk")]
+        return f"cuda:{gpu[0]}" if gpu and gpu[0].isdigit() else (gpu[0] if gpu else "cpu")
+    if device_map in _DEVICE_MAP_STRATEGIES:
+        return "auto"
+    return device_map
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where token ids go: the embedding's device; CPU when it is offloaded (accelerate's hooks move them)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is None:
+        weight = next(model.parameters())
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
 
 
 def _first_line(exc: BaseException) -> str:

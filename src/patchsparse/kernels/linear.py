@@ -1,0 +1,202 @@
+"""`HybridLinear`: a drop-in `nn.Linear` replacement holding a packed dense/2:4 weight.
+
+Formats ("backends"), chosen once at conversion:
+
+* `cpu`: row-block format with the compiled CPU kernel for decode (few tokens) and decompress +
+  GEMM for long prompts; falls back to `reference` when the kernel cannot be built;
+* `reference`: the same row-block buffers, expanded in pure PyTorch and multiplied densely: the
+  test oracle and the fallback everywhere (any device);
+* `stripe` / `split`: 2:4 semi-structured GEMM plus cuBLAS (GPU, prefill), see `split.py`;
+* `triton`: tile-walking Triton kernel (GPU, decode), see `triton_tiles.py`.
+
+`auto` picks `cpu` for CPU weights; on CUDA `stripe` (rows wholly dense or 2:4) or `split` when
+the GPU has 2:4 support (sm80+, fp16/bf16), else `triton` when installed, else `reference`.
+The GPU formats are written against documented APIs but **have not been run on a GPU**.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from patchsparse.errors import PatchsparseError
+from patchsparse.kernels import cpu as cpu_kernel
+from patchsparse.kernels.packing import RowBlockPacked, pack_rowblocks, unpack_rowblocks
+from patchsparse.kernels.split import (SplitPacked, StripePacked, is_row_homogeneous, pack_split, pack_stripe,
+                                       semi_structured_supported)
+from patchsparse.kernels.triton_tiles import TilePacked, pack_tiles, triton_available
+from patchsparse.masks.spec import HybridMaskSpec, LayerMask
+
+BACKENDS = ("auto", "cpu", "reference", "stripe", "split", "triton")
+
+# Above this many tokens the CPU path expands bands of the weight and runs the BLAS GEMM instead
+# of the decode kernel (crossovers measured with benchmarks/hybrid_matmul.py, docs/KERNELS.md):
+# fp32 BLAS is slow for small batches; bf16 BLAS (AVX512-BF16 dot products) catches up with the
+# decode kernel at about 16 tokens.
+CPU_DIRECT_MAX_TOKENS = {torch.float32: 64, torch.bfloat16: 16, torch.float16: 64}
+
+
+def choose_backend(weight: torch.Tensor, mask: LayerMask, dtype: torch.dtype) -> str:
+    if weight.device.type != "cuda":
+        return "cpu"
+    if semi_structured_supported(weight.device, dtype):
+        return "stripe" if is_row_homogeneous(mask) else "split"
+    return "triton" if triton_available(weight.device) else "reference"
+
+
+def _map_tensors(packed: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    changes = {f.name: fn(getattr(packed, f.name)) for f in dataclasses.fields(packed)
+               if isinstance(getattr(packed, f.name), torch.Tensor)}
+    return dataclasses.replace(packed, **changes)
+
+
+class HybridLinear(nn.Module):
+    """y = x W^T + b with W stored packed: dense tiles dense, 2:4 tiles compressed.
+
+    Inference only: the packed weight is frozen and the compiled kernels have no backward.
+    """
+
+    def __init__(self, packed: RowBlockPacked | TilePacked | SplitPacked | StripePacked, backend: str,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        self.packed = packed
+        self.backend = backend
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._direct = None  # cached fast path of the CPU kernel (None: not looked up yet, False: none)
+
+    @classmethod
+    @torch.no_grad()
+    def from_dense(cls, linear: nn.Linear, mask: LayerMask, backend: str = "auto",
+                   dtype: torch.dtype | None = None) -> "HybridLinear":
+        """Pack `linear` under `mask` (its 2:4 pattern in sparse tiles, dense tiles kept whole)."""
+        if backend not in BACKENDS:
+            raise PatchsparseError(f"unknown kernel backend '{backend}' (choose {', '.join(BACKENDS)})")
+        weight = linear.weight
+        dtype = dtype or weight.dtype
+        if backend == "auto":
+            backend = choose_backend(weight, mask, dtype)
+        if backend in ("cpu", "reference"):
+            packed: Any = pack_rowblocks(weight, mask, dtype).to(weight.device)
+        elif backend == "triton":
+            packed = pack_tiles(weight, mask, dtype).to(weight.device)
+        elif backend == "stripe":
+            if not is_row_homogeneous(mask):
+                raise PatchsparseError("the stripe backend needs output rows that are wholly dense or wholly 2:4")
+            packed = pack_stripe(weight, mask, dtype)
+        else:
+            packed = pack_split(weight, mask, dtype)
+        bias = linear.bias.to(dtype) if linear.bias is not None else None
+        return cls(packed, backend, bias)
+
+    # -- computation ---------------------------------------------------------------------------
+    def dense_weight(self) -> torch.Tensor:
+        """The masked dense weight (out, in) this layer multiplies by (reference expansion)."""
+        if isinstance(self.packed, RowBlockPacked):
+            return unpack_rowblocks(self.packed)
+        return self.packed.dense_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)                       # (T, in)
+        direct = self._direct_call()
+        if direct is not None and x2.shape[0] <= direct[2] and x.device.type == "cpu":
+            # decode fast path: one call into the compiled kernel (Python overhead matters at 10 us)
+            y = direct[0](x2, *direct[1], self.bias, 2)
+        else:
+            y = self._forward2d(x2)                                # (T, out)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _direct_call(self):
+        """(kernel, its layout arguments, max tokens) when the CPU decode kernel applies, else None."""
+        if self._direct is False:
+            return None
+        if self._direct is None:
+            packed = self.packed
+            module = cpu_kernel.load_cpu_kernel() if self.backend == "cpu" else None
+            if module is None or packed.values.device.type != "cpu":
+                self._direct = False
+                return None
+            self._direct = (module.hybrid_linear,
+                            (packed.values, packed.meta, packed.chunk_cols, packed.n_sparse, packed.value_offsets,
+                             packed.meta_offsets, packed.out_features, packed.in_features),
+                            CPU_DIRECT_MAX_TOKENS.get(packed.dtype, 64))
+        return self._direct
+
+    def _forward2d(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "cpu" and x.device.type == "cpu" and cpu_kernel.cpu_kernel_available():
+            packed: RowBlockPacked = self.packed
+            if x.shape[0] <= CPU_DIRECT_MAX_TOKENS.get(packed.dtype, 64):
+                return cpu_kernel.cpu_hybrid_linear(x, packed, self.bias)
+            return cpu_kernel.cpu_hybrid_linear_prefill(x, packed, self.bias)
+        if self.backend in ("cpu", "reference"):
+            return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        dtype = self.packed_dtype
+        if self.backend == "triton" and not triton_available(x.device):
+            y = F.linear(x.to(dtype), self.dense_weight())
+        else:
+            y = self.packed.forward(x.to(dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    @property
+    def packed_dtype(self) -> torch.dtype:
+        p = self.packed
+        if isinstance(p, RowBlockPacked):
+            return p.dtype
+        if isinstance(p, TilePacked):
+            return p.dense_values.dtype
+        if isinstance(p, SplitPacked):
+            return p.tile_values.dtype
+        return p.dense_weight_rows.dtype
+
+    # -- module plumbing -----------------------------------------------------------------------
+    def _packed_device(self) -> torch.device:
+        p = self.packed
+        if isinstance(p, RowBlockPacked):
+            return p.values.device
+        if isinstance(p, TilePacked):
+            return p.dense_values.device
+        return p.tile_values.device if isinstance(p, SplitPacked) else p.dense_weight_rows.device
+
+    def _apply(self, fn, recurse=True):
+        self._direct = None
+        if isinstance(self.packed, (RowBlockPacked, TilePacked)):
+            self.packed = _map_tensors(self.packed, fn)
+        else:  # semi-structured operands cannot be moved: only no-op device/dtype changes pass
+            probe = fn(torch.zeros(1, dtype=self.packed_dtype, device=self._packed_device()))
+            if probe.device != self._packed_device() or probe.dtype != self.packed_dtype:
+                raise PatchsparseError(f"a '{self.backend}' HybridLinear cannot change device or dtype; "
+                                       "convert the model on the target device instead")
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, backend={self.backend}, dtype={self.packed_dtype}")
+
+
+def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+@torch.no_grad()
+def convert_model(model: nn.Module, spec: HybridMaskSpec, backend: str = "auto",
+                  dtype: torch.dtype | None = None) -> dict[str, HybridLinear]:
+    """Replace every linear named in `spec` by a `HybridLinear` (in place).
+
+    Everything is checked and packed before the first module is swapped, so a failure leaves the
+    model unchanged. Returns the new modules by name.
+    """
+    found = spec.check_matches(model)
+    converted = {name: HybridLinear.from_dense(module, spec.layers[name], backend=backend, dtype=dtype)
+                 for name, module in found.items()}
+    for name, module in converted.items():
+        parent, attr = _parent_and_attr(model, name)
+        setattr(parent, attr, module)
+    return converted

@@ -1,0 +1,193 @@
+"""One-shot pruning of a whole model, layer by layer: baselines (`prune_model`) and priors (`compute_prior`).
+
+Both calibrate sequentially (each decoder layer sees the outputs of the already-pruned layers
+before it) and share the per-linear step:
+
+1. with a tile size and a target sparsity s: prune the layer unstructured at s with the same
+   method; each tile's score is the fraction of its weights kept (PATCH's `distribution_scores`),
+   and the highest-scoring tiles start dense until the layer's density is 1 - s;
+2. the N:M (or unstructured) mask of the method.
+
+`compute_prior` leaves the model's weights as they were; `prune_model` prunes the model in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from patchsparse.errors import PatchsparseError
+from patchsparse.masks.spec import HybridMaskSpec, LayerMask
+from patchsparse.masks.tiles import TileGrid, check_tile_size
+from patchsparse.models.layers import LayerSelection, select_linears
+from patchsparse.prior.layerwise import calibrate_layer_by_layer
+from patchsparse.prior.pattern import PrunePattern
+from patchsparse.prior.pruners import SparseGPTOptions, magnitude_mask, sparsegpt_prune, wanda_mask
+from patchsparse.prior.stats import HessianStat, InputNormStat
+from patchsparse.prior.tile_prior import check_hybrid_sparsity, initial_dense_tiles
+from patchsparse.prior.types import LayerPrior, PriorMasks
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise PatchsparseError(f"unknown pruning method '{method}' (choose {', '.join(METHODS)})")
+
+
+def statistic_factory(method: str) -> Callable[[nn.Linear], Any] | None:
+    """The calibration statistic a method needs per linear; magnitude needs none."""
+    check_method(method)
+    if method == "wanda":
+        return lambda linear: InputNormStat(linear.in_features, linear.weight.device)
+    if method == "sparsegpt":
+        return lambda linear: HessianStat(linear.in_features, linear.weight.device)
+    return None
+
+
+def method_mask(method: str, weight: torch.Tensor, stat: Any, pattern: PrunePattern,
+                options: SparseGPTOptions = SparseGPTOptions(),
+                force_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keep-mask of one linear, and SparseGPT's updated weight (None for the other methods)."""
+    if method == "magnitude":
+        return magnitude_mask(weight, pattern), None
+    if method == "wanda":
+        return wanda_mask(weight, stat.norms(), pattern), None
+    if method == "sparsegpt":
+        return sparsegpt_prune(weight, stat.hessian, pattern, options, force_keep=force_keep)
+    raise PatchsparseError(f"unknown pruning method '{method}'")
+
+
+def tile_scores_from_mask(keep: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """Fraction of each tile's weights that `keep` keeps, counted by the tile's real size. -> (R, C)"""
+    return grid.reduce_sum(keep.float()) / grid.tile_numel().to(keep.device, torch.float32)
+
+
+@dataclass(frozen=True)
+class TilePrior:
+    scores: torch.Tensor  # float (R, C)
+    dense: torch.Tensor   # bool (R, C): the tiles that start dense
+
+
+def tile_prior(method: str, weight: torch.Tensor, stat: Any, tile: tuple[int, int], sparsity: float,
+               options: SparseGPTOptions) -> TilePrior:
+    """Score tiles by what unstructured pruning at `sparsity` keeps; mark the best dense to reach it."""
+    grid = TileGrid(weight.shape[0], weight.shape[1], *tile)
+    keep, _ = method_mask(method, weight, stat, PrunePattern.unstructured(sparsity), options)
+    scores = tile_scores_from_mask(keep, grid).cpu()
+    return TilePrior(scores, initial_dense_tiles(scores, grid, sparsity))
+
+
+def check_request(model: nn.Module, selection: LayerSelection, method: str, pattern: PrunePattern,
+                  tile: tuple[int, int] | None, sparsity: float | None, calib_windows: torch.Tensor | None,
+                  options: SparseGPTOptions) -> dict[str, nn.Linear]:
+    """Every check that can fail, run before the model is touched. -> the selected linears"""
+    check_method(method)
+    if method == "sparsegpt":
+        options.check(pattern)
+    if tile is not None:
+        check_tile_size(*tile)
+        if not (pattern.is_nm and 2 * pattern.n == pattern.m):
+            raise PatchsparseError(f"tiles mix dense with a 50% N:M pattern such as 2:4, not {pattern.label}")
+        if sparsity is None:
+            raise PatchsparseError("a tile prior needs a target sparsity in [0, 0.5]")
+        check_hybrid_sparsity(sparsity)
+    if statistic_factory(method) is not None and (calib_windows is None or calib_windows.shape[0] == 0):
+        raise PatchsparseError(f"{method} needs calibration windows; got none")
+    linears = select_linears(model, selection)
+    if pattern.is_nm:
+        for name, linear in linears.items():
+            if linear.in_features % pattern.m:
+                raise PatchsparseError(
+                    f"{name} has {linear.in_features} inputs, not divisible by M={pattern.m} of {pattern.label}")
+    return linears
+
+
+def compute_prior(model: nn.Module, calib_windows: torch.Tensor | None, method: str, sparsity: float | None,
+                  tile: tuple[int, int] | None, selection: LayerSelection = LayerSelection(), n: int = 2, m: int = 4,
+                  *, options: SparseGPTOptions = SparseGPTOptions(), batch_size: int = 1) -> PriorMasks:
+    """One-shot masks that learnable masks start from. The model's weights are left unchanged.
+
+    Every selected linear gets its N:M mask (the method's own; SparseGPT's without its weight
+    update); with `tile` and `sparsity` also its tile scores. Layers are calibrated on the
+    outputs of the earlier layers with the starting mask applied to the original weights
+    (the N:M mask, plus the initial dense tiles when tiles are given).
+    """
+    pattern = PrunePattern.nm(n, m)
+    if tile is None:
+        pattern.check_sparsity(sparsity)
+    check_request(model, selection, method, pattern, tile, sparsity, calib_windows, options)
+    priors: PriorMasks = {}
+
+    def prune_layer(index: int, block: dict[str, nn.Linear], stats: dict[str, Any]) -> None:
+        for name, linear in block.items():
+            weight = linear.weight
+            keep, _ = method_mask(method, weight, stats.get(name), pattern, options)
+            start = keep
+            scores = None
+            if tile is not None:
+                prior = tile_prior(method, weight, stats.get(name), tile, sparsity, options)
+                scores = prior.scores
+                start = keep | TileGrid(*weight.shape, *tile).expand(prior.dense.to(keep.device))
+            priors[name] = LayerPrior(nm_keep=keep.cpu(), tile_scores=scores, tile=tile)
+            weight.mul_(start.to(weight.dtype))  # restored by the driver once the outputs are passed on
+
+    calibrate_layer_by_layer(model, calib_windows, statistic_factory(method), prune_layer, selection=selection,
+                             restore_weights=True, batch_size=batch_size, desc=f"{method} prior")
+    return priors
+
+
+def prune_model(model: nn.Module, calib_windows: torch.Tensor | None, method: str,
+                pattern: PrunePattern | str = "2:4", sparsity: float | None = None, *,
+                tile: tuple[int, int] | None = None, selection: LayerSelection = LayerSelection(),
+                update_weights: bool = True, options: SparseGPTOptions = SparseGPTOptions(),
+                batch_size: int = 1) -> HybridMaskSpec:
+    """One-shot prune `model` IN PLACE and return the masks as a `HybridMaskSpec`.
+
+    Afterwards every selected linear holds its pruned weight: the original weight times the mask,
+    or, for SparseGPT with `update_weights`, its reconstructed weight times the mask. In the
+    second case the mask alone does not reproduce the model; save the linears' weights too.
+
+    Patterns: N:M (`sparsity` may be omitted; it is 1 - N/M), unstructured (`sparsity` in
+    [0, 1)), or, with `tile`, a 50% N:M pattern mixed with dense tiles at `sparsity` in [0, 0.5]
+    (the one-shot PATCH prior: each layer's best tiles dense, the rest N:M; SparseGPT then never
+    prunes inside dense tiles).
+    """
+    if isinstance(pattern, str):
+        pattern = PrunePattern.parse(pattern, sparsity if (tile is None or pattern.strip().lower() == "unstructured") else None)
+    elif tile is None:
+        pattern.check_sparsity(sparsity)
+    check_request(model, selection, method, pattern, tile, sparsity, calib_windows, options)
+    layers: dict[str, LayerMask] = {}
+
+    def prune_layer(index: int, block: dict[str, nn.Linear], stats: dict[str, Any]) -> None:
+        for name, linear in block.items():
+            weight = linear.weight
+            dense = force = None
+            if tile is not None:
+                dense = tile_prior(method, weight, stats.get(name), tile, sparsity, options).dense
+                force = TileGrid(*weight.shape, *tile).expand(dense).to(weight.device)
+            keep, updated = method_mask(method, weight, stats.get(name), pattern, options, force_keep=force)
+            layers[name] = LayerMask(keep.cpu(), pattern.label, tile, dense)
+            final = keep if force is None else keep | force
+            new = updated if (updated is not None and update_weights) else weight.float()
+            weight.copy_((new * final).to(weight.dtype))
+
+    calibrate_layer_by_layer(model, calib_windows, statistic_factory(method), prune_layer, selection=selection,
+                             restore_weights=False, batch_size=batch_size, desc=f"{method} {pattern.label}")
+    spec = HybridMaskSpec(layers, metadata={
+        "mode": "oneshot",
+        "method": method,
+        "pattern": pattern.label,
+        "target_sparsity": sparsity if tile is not None else pattern.sparsity,
+        "tile": list(tile) if tile is not None else None,
+        "weights_updated": bool(method == "sparsegpt" and update_weights),
+        "calibration_windows": 0 if calib_windows is None else int(calib_windows.shape[0]),
+        "calibration_seqlen": None if calib_windows is None else int(calib_windows.shape[1]),
+        **({"damp": options.damp, "blocksize": options.blocksize} if method == "sparsegpt" else {}),
+    })
+    spec.metadata["sparsity"] = spec.sparsity()
+    return spec

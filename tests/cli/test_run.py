@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from patchsparse.cli.main import main
+
+
+@pytest.fixture()
+def varied_text_file(tmp_path):
+    """Distinct paragraphs, so the held-out split does not swallow the training text."""
+    words = "sparse dense tile mask weight group pattern keep learn model layer".split()
+    paragraphs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40 + i % 9)) + f" {i}."
+                  for i in range(60)]
+    path = tmp_path / "varied.txt"
+    path.write_text("\n\n".join(paragraphs))
+    return path
+
+
+def _run(tiny_model_dir, varied_text_file, out, *extra):
+    return main(["run", "--model", str(tiny_model_dir), "--data", str(varied_text_file), "--out", str(out),
+                 "--seqlen", "64", "--calib-windows", "2", "--eval-windows", "2", "--steps", "3",
+                 "--prior", "magnitude", *extra])
+
+
+def test_main_job_on_tiny_model_writes_table_report_and_reuses_steps(tiny_model_dir, varied_text_file, tmp_path,
+                                                                     capsys):
+    out = tmp_path / "run"
+    assert _run(tiny_model_dir, varied_text_file, out, "--json", str(tmp_path / "r.json")) == 0
+    printed = capsys.readouterr().out
+    assert "| dense | 0.0% |" in printed and "SparseGPT 2:4" in printed and "PATCH patch-tile 35%" in printed
+    assert (out / "report.md").is_file() and (out / "masks" / "masks.json").is_file()
+    assert (out / "baselines" / "sparsegpt-2of4" / "weights.safetensors").is_file()
+    record = json.loads((tmp_path / "r.json").read_text())
+    patch = record["figures"]["PATCH patch-tile 35%"]
+    assert abs(patch["sparsity"] - 0.35) < 0.05  # tiny layers: one tile is a few points
+    assert record["figures"]["SparseGPT 2:4"]["sparsity"] == pytest.approx(0.5)
+    first = {p.name: p.read_text() for p in (out / "results").glob("*.json")}
+
+    # a rerun with the same settings reuses every finished step
+    assert _run(tiny_model_dir, varied_text_file, out) == 0
+    err = capsys.readouterr().err
+    assert err.count("reusing") == 3
+    assert {p.name: p.read_text() for p in (out / "results").glob("*.json")} == first
+
+
+def test_main_job_rejects_bad_target(tiny_model_dir, varied_text_file, tmp_path, capsys):
+    assert _run(tiny_model_dir, varied_text_file, tmp_path / "x", "--sparsity", "0.6") == 2
+    assert "outside [0, 0.5]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
