@@ -60,8 +60,10 @@ def test_learn_under_torchrun_matches_one_process(tiny_model_dir, tmp_path):
     assert one["masks"].keys() == two["masks"].keys()
     for name, logits in one["masks"].items():
         for key, value in logits.items():
-            # the same sums in another order: float rounding only
-            torch.testing.assert_close(two["masks"][name][key], value, rtol=1e-4, atol=1e-5)
+            # the same sums in another order: float rounding only, which Adam's normalisation can
+            # magnify for a logit whose gradient is near zero (seen: 8e-5 on one of 6144 logits,
+            # a tenth of one step at the 2:4 learning rate); the hard masks below must be identical
+            torch.testing.assert_close(two["masks"][name][key], value, rtol=1e-4, atol=2e-4)
     # the sharded AdamW state was gathered into one checkpoint in the single-process format
     assert one["optimizer"]["state"].keys() == two["optimizer"]["state"].keys()
     for i, state in one["optimizer"]["state"].items():

@@ -57,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--batch", type=positive_int, help="windows per micro-batch")
     g.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float)
+    g.add_argument("--nm-lr-scale", type=float, help="the 2:4 logits train at lr times this")
     g.add_argument("--warmup", type=int, dest="warmup_steps")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--sparse-reg", type=float, help="λ_s")
@@ -99,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> LearnConfig:
     sampling = replace(config.sampling, **schedules)
     objective = replace(config.objective, sparse_reg=args.sparse_reg, weight_reg=args.weight_reg,
                         density_scope=args.density_scope)
-    optim = replace(config.optim, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay)
+    optim = replace(config.optim, lr=args.lr, nm_lr_scale=args.nm_lr_scale, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay)
     train = replace(config.train, steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum,
                     seqlen=args.seqlen, seed=args.seed, checkpoint_every=args.checkpoint_every,
                     activation_checkpointing=args.activation_checkpointing)

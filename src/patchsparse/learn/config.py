@@ -107,6 +107,7 @@ class OptimConfig:
     """AdamW on the mask logits (fp32), cosine learning rate after a linear warm-up."""
 
     lr: float = 1e-3
+    nm_lr_scale: float = 1.0       # the 2:4 logits train at lr·nm_lr_scale (the tile logits at lr)
     warmup_steps: int = 5
     min_lr_ratio: float = 0.0      # the cosine ends at lr·min_lr_ratio
     betas: tuple[float, float] = (0.9, 0.95)
@@ -115,8 +116,8 @@ class OptimConfig:
     grad_clip: float = 1.0         # max global gradient norm; 0 disables clipping
 
     def check(self) -> None:
-        if self.lr <= 0:
-            raise PatchsparseError(f"learning rate must be positive, got {self.lr}")
+        if self.lr <= 0 or self.nm_lr_scale <= 0:
+            raise PatchsparseError(f"learning rates must be positive, got {self.lr} (2:4 scale {self.nm_lr_scale})")
         if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise PatchsparseError("warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
 

@@ -196,10 +196,14 @@ def make_optimizer(masked: MaskedModel, config: LearnConfig, parallel: DataParal
 
     oc = config.optim
     params = masked.parameters()
+    tile_params = [m.tile_logits for m in masked.masks.values() if m.tile_logits is not None]
+    nm_params = [m.pattern_logits for m in masked.masks.values() if m.pattern_logits is not None]
+    groups = [g for g in ({"params": tile_params, "lr_scale": 1.0},
+                          {"params": nm_params, "lr_scale": oc.nm_lr_scale}) if g["params"]]
     # The fused (single-kernel) AdamW is several times faster than the per-tensor one on CPU; the
     # logits are fp32 on one device, which it supports.
     fused = params[0].device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
-    return make_parallel_optimizer(params, parallel, shard, lr=oc.lr, betas=oc.betas, eps=oc.eps,
+    return make_parallel_optimizer(groups, parallel, shard, lr=oc.lr, betas=oc.betas, eps=oc.eps,
                                    weight_decay=oc.weight_decay, fused=fused)
 
 
@@ -219,7 +223,7 @@ def train_step(model: nn.Module, masked: MaskedModel, optimizer: torch.optim.Opt
     sampler.layer_norms.clear()
     lr = cosine_lr(step, tc.steps, oc.lr, oc.warmup_steps, oc.min_lr_ratio)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     lm_total = 0.0
     for batch in batches:
         lm_loss = model(input_ids=batch, labels=batch, use_cache=False).loss
