@@ -12,7 +12,7 @@ checkpoint). `RESULTS.md` and the plot are rebuilt from that file after every me
     python benchmarks/quality.py                                   # everything (hours on a 2-core CPU)
     python benchmarks/quality.py --only dense,sparsegpt-2:4 --eval-windows 2    # a quick look
     python benchmarks/quality.py --steps 200                       # a larger training budget
-    python benchmarks/quality.py --tiny --out /tmp/q               # tiny random Llama, seconds
+    python benchmarks/quality.py --tiny --out runs/q             # tiny random Llama, seconds
 """
 
 from __future__ import annotations
