@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -121,86 +120,73 @@ def capacity_table(args: argparse.Namespace) -> None:
               + f" {plan.device_total / GIB:6.1f} {plan.host_total / GIB:9.1f}  {'yes' if plan.fits(GPU_80GB) else 'NO'}")
 
 
-# ---- part 3: measurements on the default model (needs the mask trainer) ----------------------------
+# ---- part 3: measurements on the default model -----------------------------------------------------
 
-def measure_one(mode: str, seqlen: int, checkpointing: bool) -> dict:
-    """One training step of `mode` on the default model; run in a fresh process for a clean peak."""
-    from patchsparse.learn.memory import state_bytes as _state
-    from patchsparse.learn.presets import cpu_preset
-    from patchsparse.learn.trainer import make_optimizer, train_step
+def attached_state(mode: str) -> dict:
+    """Bytes of the tensors mask learning adds to the default model: logits, their gradients, AdamW's
+    state after one update, and buffers (the frozen 2:4 mask). Run in a fresh process."""
     from patchsparse.learn.masked import attach_masks
-    from patchsparse.models import load_model, select_linears
-    from patchsparse.prior.oneshot import compute_prior
-    from patchsparse.data import load_corpus, random_windows, tokenize_texts
+    from patchsparse.learn.presets import cpu_preset
+    from patchsparse.learn.priors import magnitude_prior
+    from patchsparse.learn.trainer import make_optimizer
+    from patchsparse.models import load_model
+    from patchsparse.models.layers import block_index
 
-    import dataclasses
-
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    cuda = torch.cuda.is_available()
-    loaded = load_model("smollm2-135m", dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu")
-    model = loaded.model
-    config = cpu_preset(mode, 0.45)
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, seqlen=seqlen,
-                                                                   activation_checkpointing=checkpointing))
-    ids = tokenize_texts(loaded.tokenizer, load_corpus("default").train)
-    windows = random_windows(ids, 2, seqlen, seed=0)
-    prior = None
-    if mode == "patch-tile" or True:
-        prior = compute_prior(model, windows[:1].to(next(model.parameters()).device), "magnitude", 0.45,
-                              config.mask.tile, config.mask.selection)
-    shapes = [tuple(m.weight.shape) for m in select_linears(model).values()]
-    baseline = _peak_bytes(cuda, reset=True)
+    model = load_model("smollm2-135m", device="cpu").model
+    config = cpu_preset(mode, 0.5 if mode == "maskllm" else 0.35)
+    prior = magnitude_prior(model, config.mask.sparsity, config.mask.tile, config.mask.selection)
     masked = attach_masks(model, config, prior)
     optimizer = make_optimizer(masked, config)
-    from patchsparse.learn.trainer import _set_training_mode
-    restore = _set_training_mode(model, checkpointing)
-    batch = windows[1:2].to(next(model.parameters()).device)
-    train_step(model, masked, optimizer, config, 0, [batch])
-    restore()
-    peak = _peak_bytes(cuda)
-    params = sum(p.numel() * p.element_size() for p in masked.parameters())
-    buffers = sum(b.numel() * b.element_size() for m in masked.masks.values() for b in m.buffers())
-    optim = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if torch.is_tensor(t) and t.dim() > 0)
-    weights = sum(o * i for o, i in shapes)
-    expected = _state(shapes, mode, config.mask.tile, PRECISIONS["fp32"])
-    return {"mode": mode, "masked_weights": weights, "param_bytes": params, "buffer_bytes": buffers,
-            "optim_bytes": optim, "grad_bytes": params, "expected_state_bytes": expected.total,
-            "peak_minus_baseline": peak - baseline, "device": "cuda" if cuda else "cpu",
-            "largest_block_weights": max(
-                sum(o * i for n, (o, i) in zip(select_linears(model), shapes) if f".{b}." in n)
-                for b in range(model.config.num_hidden_layers))}
-
-
-def _peak_bytes(cuda: bool, reset: bool = False) -> int:
-    if cuda:
-        torch.cuda.synchronize()
-        value = torch.cuda.max_memory_allocated()
-        if reset:
-            torch.cuda.reset_peak_memory_stats()
-            value = torch.cuda.memory_allocated()
-        return value
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    for p in masked.parameters():  # one update materialises AdamW's moments
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    masks = masked.masks
+    blocks: dict[int, int] = {}
+    for name, m in masks.items():
+        blocks[block_index(name)] = blocks.get(block_index(name), 0) + m.numel
+    shapes = [m.shape for m in masks.values()]
+    return {"mode": mode, "masked_weights": sum(o * i for o, i in shapes),
+            "param_bytes": sum(p.numel() * p.element_size() for p in masked.parameters()),
+            "optim_bytes": sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+                               if torch.is_tensor(t) and t.dim() > 0),
+            "buffer_bytes": sum(b.numel() * b.element_size() for m in masks.values() for b in m.buffers()),
+            "expected_state_bytes": state_bytes(shapes, mode, config.mask.tile, PRECISIONS["fp32"]).total,
+            "largest_block_weights": max(blocks.values())}
 
 
 def measured_table(args: argparse.Namespace) -> None:
-    print(f"\n## 3. measured on the default model (batch 1 x {args.seqlen}, one step, fresh process per mode)")
-    print(f"{'mode':12s} {'ckpt':>4s} {'state B/weight':>14s} {'expected':>9s} {'peak step - baseline':>21s} "
-          f"{'B/masked weight':>15s}")
+    """State tensors counted here; the peak memory of a step comes from benchmarks/mask_step.py."""
+    print(f"\n## 3. measured on the default model (fp32 on CPU; step memory by benchmarks/mask_step.py, "
+          f"batch 1 x {args.seqlen}, activation checkpointing on)")
+    step_json = Path(args.step_json) if args.step_json else None
+    if step_json is None or not step_json.is_file():
+        step_json = Path(os.environ.get("TMPDIR", "/tmp")) / f"mask_step_{os.getpid()}.json"
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "mask_step.py"), "--seqlen", str(args.seqlen),
+               "--steps", "1", "--json", str(step_json)]
+        print(f"running: {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "PATCHSPARSE_NO_PROGRESS": "1"})
+    steps = json.loads(step_json.read_text())
+    print(f"{'mode':12s} {'state B/weight':>14s} {'arithmetic':>10s} {'step memory':>12s} {'B/weight':>9s} "
+          f"{'minus state':>11s} {'per block weight':>16s}")
     for mode in MODES:
-        for checkpointing in (False, True):
-            cmd = [sys.executable, __file__, "--child", mode, "--seqlen", str(args.seqlen)]
-            if checkpointing:
-                cmd.append("--checkpointing")
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PATCHSPARSE_NO_PROGRESS": "1"})
-            if out.returncode != 0:
-                print(f"{mode:12s} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
-                continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            w = r["masked_weights"]
-            state = r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"] + r["buffer_bytes"]
-            print(f"{mode:12s} {'yes' if checkpointing else 'no':>4s} {state / w:14.4f} {r['expected_state_bytes'] / w:9.4f} "
-                  f"{r['peak_minus_baseline'] / 2**20:17.0f} MiB {r['peak_minus_baseline'] / w:15.2f}")
+        out = subprocess.run([sys.executable, __file__, "--child", mode], capture_output=True, text=True,
+                             env={**os.environ, "PATCHSPARSE_NO_PROGRESS": "1"})
+        if out.returncode != 0:
+            print(f"{mode:12s} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        w = r["masked_weights"]
+        state = 2 * r["param_bytes"] + r["optim_bytes"] + r["buffer_bytes"]  # logits + grads + Adam + buffers
+        step = steps["modes"].get(mode, {}).get("memory_bytes")
+        rest = "" if step is None else (f"{step / 2**20:9.0f} MiB {step / w:9.2f} {(step - state) / w:11.2f} "
+                                        f"{(step - state) / r['largest_block_weights']:16.1f}")
+        print(f"{mode:12s} {state / w:14.4f} {r['expected_state_bytes'] / w:10.4f} {rest}")
+        if args.json_out:
+            with open(args.json_out, "a", encoding="utf-8") as f:
+                f.write(json.dumps({**r, "step_memory_bytes": step}) + "\n")
+    ref = steps.get("reference", {})
+    if ref:
+        print(f"dense fine-tuning step for comparison: {ref['memory_bytes'] / 2**20:.0f} MiB")
 
 
 def main() -> None:
@@ -214,13 +200,16 @@ def main() -> None:
                         help="the same for patch-tile (frozen 2:4, tile values only)")
     parser.add_argument("--mask-scope", choices=("block", "linear"), default="block",
                         help="soft masks rebuilt per checkpointed block, or one linear at a time")
-    parser.add_argument("--measure", action="store_true", help="also run part 3 (needs the mask trainer)")
+    parser.add_argument("--measure", action="store_true",
+                        help="also run part 3: state tensors of masks attached to the default model, and the "
+                             "step memory measured by benchmarks/mask_step.py (minutes on a CPU)")
     parser.add_argument("--measure-seqlen", type=int, default=256)
+    parser.add_argument("--step-json", default=None, help="reuse the --json output of a benchmarks/mask_step.py run")
+    parser.add_argument("--json-out", default=None, help="append the raw measurements (JSON lines) here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure_one(args.child, args.seqlen, args.checkpointing)))
+        print(json.dumps(attached_state(args.child)))
         return
     header(args)
     per_weight_table(meta_shape("llama-2-7b"), tuple(args.tile))

@@ -16,8 +16,8 @@ def log(message: str) -> None:
 
 
 def progress(iterable: Iterable[T] | None = None, *, desc: str, total: int | None = None,
-             unit: str = "it", leave: bool = False) -> tqdm:
+             unit: str = "it", leave: bool = False, disable: bool = False) -> tqdm:
     """A progress bar on stderr; PATCHSPARSE_NO_PROGRESS=1 turns all of them off."""
-    disable = os.environ.get("PATCHSPARSE_NO_PROGRESS", "") not in ("", "0")
+    disable = disable or os.environ.get("PATCHSPARSE_NO_PROGRESS", "") not in ("", "0")
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=disable,
                 mininterval=1.0, dynamic_ncols=True, file=sys.stderr)

@@ -1,5 +1,9 @@
 """`patchsparse learn`: train MaskLLM / PATCH-Tile / PATCH-Joint masks and save the hard masks.
 
+Under `torchrun --nproc_per_node N` the same command trains data-parallel: each process takes a
+disjoint slice of every micro-batch (`--batch` must be a multiple of N), gradients are averaged,
+and process 0 alone evaluates and writes the outputs (`patchsparse.learn.distributed`).
+
 The output directory holds `masks/` (the extracted `HybridMaskSpec`), `metrics.jsonl` (one line
 per step), `run.json`, `prior.pt` and `checkpoint.pt` (for `--resume`).
 """
@@ -26,7 +30,8 @@ from patchsparse.learn.priors import PRIOR_METHODS, build_prior
 from patchsparse.learn.trainer import PRIOR_FILE, learn_masks
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
 from patchsparse.masks.tiles import TileGrid
-from patchsparse.models import LayerSelection, load_model
+from patchsparse.learn.distributed import DataParallel
+from patchsparse.models import LayerSelection, load_model, resolve_device
 from patchsparse.prior.tile_prior import initial_dense_tiles
 from patchsparse.prior.types import PriorMasks
 from patchsparse.records import make_record, write_record
@@ -76,6 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--shard-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun: each process keeps only its share of AdamW's state (ZeRO-1); "
+                        "default: on for maskllm and patch-joint, whose logits are 1.5 per weight")
     add_json_arg(p)
     p.set_defaults(handler=run_learn)
 
@@ -142,9 +150,31 @@ def masked_perplexity(model: torch.nn.Module, spec: HybridMaskSpec | None, windo
 
 
 def run_learn(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from patchsparse.learn.distributed import from_environment
+
     config = config_from_args(args)
-    prepare_out_dir(args.out, args.resume, args.overwrite)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    device = resolve_device(args.device)
+    parallel = from_environment(device.type)
+    try:
+        return _run_learn(args, config, parallel, device)
+    finally:
+        if parallel.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataParallel, device: torch.device) -> int:
+    if parallel.active and config.train.batch_size % parallel.world:
+        raise PatchsparseError(f"--batch {config.train.batch_size} cannot be split over {parallel.world} processes; "
+                               f"make it a multiple of {parallel.world}")
+    main = parallel.is_main
+    if main:
+        prepare_out_dir(args.out, args.resume, args.overwrite)
+    parallel.barrier()  # no process reads --out before process 0 has prepared it
+    if parallel.active and device.type == "cuda":
+        device = torch.device("cuda", parallel.local_rank)
+    loaded = load_model(args.model, dtype=args.dtype, device=device)
     model = loaded.model
     check_seqlen(config.train.seqlen, loaded.max_positions)
     corpus = load_corpus(args.data)
@@ -161,7 +191,7 @@ def run_learn(args: argparse.Namespace) -> int:
 
     figures: dict = {}
     eval_windows = None
-    if args.eval_windows > 0:
+    if args.eval_windows > 0 and main:  # evaluation is process 0's alone
         check_seqlen(args.eval_seqlen, loaded.max_positions)
         eval_windows = sequential_windows(tokenize_texts(loaded.tokenizer, corpus.eval), args.eval_seqlen,
                                           args.eval_windows)
@@ -172,7 +202,14 @@ def run_learn(args: argparse.Namespace) -> int:
 
     # with --resume, learn_masks continues from the checkpoint, or (killed before the first one)
     # starts afresh from the saved prior
-    result = learn_masks(model, windows, config, prior, args.out, resume=args.resume)
+    parallel.barrier()  # the others wait while process 0 evaluates the prior
+    shard = config.mask.learns_patterns if args.shard_optimizer is None else args.shard_optimizer
+    result = learn_masks(model, windows, config, prior, args.out, resume=args.resume,
+                         parallel=parallel, shard_optimizer=shard)
+    if not main:
+        remove_masks(model)
+        parallel.barrier()  # wait until process 0 has written the masks
+        return 0
     spec = extract_masks(model, args.policy, config.mask.sparsity, config.mask.mode,
                          metadata={"prior": args.prior, "preset": args.preset})
     remove_masks(model)
@@ -196,4 +233,5 @@ def run_learn(args: argparse.Namespace) -> int:
         figures.update({"extraction": report.as_dict(), "seconds": result.seconds, "steps_run": result.steps_run,
                         "last_metrics": result.last_metrics, "config": config.to_dict()})
         write_record(args.json, make_record("learn", settings_of(args), loaded.identity, figures))
+    parallel.barrier()
     return 0

@@ -105,8 +105,9 @@ def from_environment(device_type: str = "cpu") -> DataParallel:
     return DataParallel(rank, world, local_rank)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], parallel: DataParallel, shard: bool, **adamw) -> torch.optim.Optimizer:
-    """AdamW over the logits; with `shard` (and several ranks) each rank keeps only its share of the state."""
+def make_optimizer(params: list, parallel: DataParallel, shard: bool, **adamw) -> torch.optim.Optimizer:
+    """AdamW over the logits (parameters or param groups); with `shard` (and several ranks) each rank
+    keeps only its share of the state."""
     if shard and parallel.active:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 

@@ -40,6 +40,7 @@ import torch.nn as nn
 from patchsparse.errors import PatchsparseError
 from patchsparse.io.atomic import atomic_write_text
 from patchsparse.learn.config import LearnConfig, TrainConfig
+from patchsparse.learn.distributed import SINGLE, DataParallel, optimizer_state_for_checkpoint
 from patchsparse.learn.masked import HARD, SAMPLE, MaskedModel, attach_masks
 from patchsparse.learn.objective import sparsity_regulariser, weight_magnitude_ratio
 from patchsparse.learn.schedules import cosine_lr
@@ -187,7 +188,12 @@ def step_window_indices(step: int, train: TrainConfig, n_windows: int) -> list[t
             for j in range(train.grad_accum)]
 
 
-def make_optimizer(masked: MaskedModel, config: LearnConfig) -> torch.optim.Optimizer:
+def make_optimizer(masked: MaskedModel, config: LearnConfig, parallel: DataParallel = SINGLE,
+                   shard: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the logits; with `shard` under data parallelism each rank keeps only its share of
+    the state (ZeRO-1, `learn.distributed`)."""
+    from patchsparse.learn.distributed import make_optimizer as make_parallel_optimizer
+
     oc = config.optim
     params = masked.parameters()
     tile_params = [m.tile_logits for m in masked.masks.values() if m.tile_logits is not None]
@@ -197,12 +203,17 @@ def make_optimizer(masked: MaskedModel, config: LearnConfig) -> torch.optim.Opti
     # The fused (single-kernel) AdamW is several times faster than the per-tensor one on CPU; the
     # logits are fp32 on one device, which it supports.
     fused = params[0].device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
-    return torch.optim.AdamW(groups, lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay, fused=fused)
+    return make_parallel_optimizer(groups, parallel, shard, lr=oc.lr, betas=oc.betas, eps=oc.eps,
+                                   weight_decay=oc.weight_decay, fused=fused)
 
 
 def train_step(model: nn.Module, masked: MaskedModel, optimizer: torch.optim.Optimizer, config: LearnConfig,
-               step: int, batches: list[torch.Tensor]) -> dict[str, Any]:
-    """One optimizer step over its micro-batches (token ids (B, T) each); returns the step's metrics."""
+               step: int, batches: list[torch.Tensor], parallel: DataParallel = SINGLE) -> dict[str, Any]:
+    """One optimizer step over its micro-batches (token ids (B, T) each); returns the step's metrics.
+
+    Under data parallelism `batches` are this rank's slices; the gradients of the LM loss (and of
+    the R_w term, identical on every rank) are averaged over the ranks before the sparsity
+    regulariser, which depends on the logits only, and before clipping and the update."""
     t0 = time.perf_counter()
     mc, oc, tc = config.mask, config.optim, config.train
     sampler = masked.sampler
@@ -218,6 +229,8 @@ def train_step(model: nn.Module, masked: MaskedModel, optimizer: torch.optim.Opt
         lm_loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         (lm_loss / len(batches)).backward()
         lm_total += float(lm_loss.detach()) / len(batches)
+    parallel.average_gradients_(params)
+    lm_total = parallel.mean(lm_total)
     if mc.learns_tiles:
         reg, density = sparsity_regulariser(masked, mc.sparsity, config.objective.density_scope)
         if config.objective.sparse_reg > 0:
@@ -244,12 +257,18 @@ def train_step(model: nn.Module, masked: MaskedModel, optimizer: torch.optim.Opt
 
 def learn_masks(model: nn.Module, train_windows: torch.Tensor, config: LearnConfig, prior: PriorMasks | None,
                 out_dir: str | Path | None = None, resume: bool = False,
-                on_step_end: Callable[[int, dict[str, Any]], None] | None = None) -> LearnResult:
+                on_step_end: Callable[[int, dict[str, Any]], None] | None = None,
+                parallel: DataParallel = SINGLE, shard_optimizer: bool = False) -> LearnResult:
     """Attach learnable masks to `model` and train them on `train_windows` (n, seqlen).
 
     Returns with the masks still attached (use `extract_masks`, then `remove_masks`). With
     `out_dir`, writes run.json, prior.pt, metrics.jsonl (one line per step) and checkpoint.pt;
     with `resume`, continues the run found there (its saved prior replaces `prior`).
+
+    `parallel` (from `distributed.from_environment()` under torchrun): every rank calls this with
+    the same windows and takes its slice of each micro-batch; rank 0 alone writes files.
+    `shard_optimizer`: each rank keeps only its share of AdamW's state (ZeRO-1); checkpoints hold
+    the whole state, gathered on rank 0, so a run resumes with any number of processes.
     """
     config.check()
     tc = config.train
@@ -272,7 +291,7 @@ def learn_masks(model: nn.Module, train_windows: torch.Tensor, config: LearnConf
     masked = attach_masks(model, config, prior)
     layers = {name: list(m.shape) for name, m in masked.masks.items()}
     device = masked.parameters()[0].device
-    optimizer = make_optimizer(masked, config)
+    optimizer = make_optimizer(masked, config, parallel, shard_optimizer)
     start = 0
     if checkpoint is not None:
         _check_same_run(checkpoint, config, layers)
@@ -280,11 +299,13 @@ def learn_masks(model: nn.Module, train_windows: torch.Tensor, config: LearnConf
             for name, m in masked.masks.items():
                 for key, value in checkpoint["masks"][name].items():
                     getattr(m, key).copy_(value)
+        # the whole state; a sharded optimizer keeps its own share of it
         optimizer.load_state_dict(checkpoint["optimizer"])
         _set_rng_state(checkpoint["rng"])
         start = checkpoint["step"]
         log(f"resuming at step {start} of {tc.steps} from {out / CHECKPOINT_FILE}")
-    if out is not None:
+    writes = out is not None and parallel.is_main
+    if writes:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / RUN_FILE, json.dumps({"config": config.to_dict(), "layers": layers}, indent=2) + "\n")
         if prior is not None and not (out / PRIOR_FILE).is_file():
@@ -292,23 +313,27 @@ def learn_masks(model: nn.Module, train_windows: torch.Tensor, config: LearnConf
         _truncate_metrics(out / METRICS_FILE, start)
 
     def save_checkpoint(steps_done: int) -> None:
+        optimizer_state = optimizer_state_for_checkpoint(optimizer, parallel)  # collective when sharded
+        if not writes:
+            return
         state = {"format": FORMAT_VERSION, "config": config.to_dict(), "layers": layers, "step": steps_done,
                  "masks": {name: {k: v.detach().cpu() for k, v in m.named_parameters()} for name, m in masked.masks.items()},
-                 "optimizer": optimizer.state_dict(), "rng": _rng_state()}
+                 "optimizer": optimizer_state, "rng": _rng_state()}
         atomic_torch_save(state, out / CHECKPOINT_FILE)
 
     mc = config.mask
     n_windows = train_windows.shape[0]
     restore = _set_training_mode(model, tc.activation_checkpointing)
-    bar = progress(total=tc.steps, desc=f"learn {mc.mode}", unit="step")
+    bar = progress(total=tc.steps, desc=f"learn {mc.mode}", unit="step", disable=not parallel.is_main)
     bar.update(start)
     began = time.perf_counter()
     metrics: dict[str, Any] = {}
     try:
         for step in range(start, tc.steps):
-            batches = [train_windows[index].to(device) for index in step_window_indices(step, tc, n_windows)]
-            metrics = train_step(model, masked, optimizer, config, step, batches)
-            if out is not None:
+            batches = [parallel.slice(train_windows[index]).to(device)
+                       for index in step_window_indices(step, tc, n_windows)]
+            metrics = train_step(model, masked, optimizer, config, step, batches, parallel)
+            if writes:
                 with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
                     f.write(json.dumps(metrics) + "\n")
             bar.update(1)

