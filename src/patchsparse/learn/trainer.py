@@ -23,11 +23,8 @@ prior is reused, so an interrupted run ends with exactly the masks of an uninter
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from patchsparse.errors import PatchsparseError
-from patchsparse.io.atomic import atomic_write_text
+from patchsparse.io.atomic import atomic_write_text, atomic_write_with
 from patchsparse.learn.config import LearnConfig, TrainConfig
 from patchsparse.learn.distributed import SINGLE, DataParallel, optimizer_state_for_checkpoint
 from patchsparse.learn.masked import HARD, SAMPLE, MaskedModel, attach_masks
@@ -71,18 +68,7 @@ class LearnResult:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save through a temporary sibling and one rename: the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
 def save_prior(prior: PriorMasks, path: Path) -> None:
