@@ -54,3 +54,21 @@ def test_fused_frozen_mask_and_no_tiles():
     # maskllm: no tiles, no noise
     out, _ = fused_hybrid_weight(weight, logits, None, None, None, 100.0, 4.0, None)
     torch.testing.assert_close(out, weight * soft_nm_mask(logits, None, 100.0, 4.0), rtol=1e-5, atol=1e-6)
+
+
+def _subnormal_count(x: torch.Tensor) -> int:
+    return int(((x != 0) & (x.abs() < torch.finfo(x.dtype).tiny)).sum())
+
+
+def test_fused_kernel_flushes_subnormals_at_the_end_of_annealing():
+    # κ/τ = 500/0.05 = 1e4: a pattern Δ below the winner has probability exp(-1e4·Δ), subnormal
+    # for Δ in about (0.0087, 0.0104); logits spread over 0.02 put many patterns there.
+    weight, grid, _, _, tiles, grad = _case((64, 256), (16, 64), seed=3)
+    logits = (torch.rand(64, 64, 6, generator=torch.Generator().manual_seed(4)) * 0.02).requires_grad_(True)
+    unflushed = weight * soft_nm_mask(logits.detach(), None, 500.0, 0.05)
+    assert _subnormal_count(unflushed) > 0  # the case does reach the subnormal range
+    out, _ = fused_hybrid_weight(weight, logits, None, None, tiles.detach() * 0, 500.0, 0.05, grid)
+    (out * grad).sum().backward()
+    assert _subnormal_count(out) == 0
+    assert _subnormal_count(logits.grad) == 0
+    torch.testing.assert_close(out.detach(), unflushed, rtol=1e-4, atol=1e-6)

@@ -6,6 +6,7 @@ import torch
 from patchsparse.learn.masked import _AddToLoss
 from patchsparse.learn.noise import NoiseTable, gumbel_table, noise_offset
 from patchsparse.learn.soft_masks import (
+    flush_subnormal,
     hybrid_soft_weight,
     soft_kept,
     soft_nm_mask,
@@ -148,3 +149,10 @@ def test_noise_windows_are_deterministic_and_gumbel():
     assert float(sample.var()) == pytest.approx(math.pi ** 2 / 6, rel=0.02)
     logistic = NoiseTable(1 << 18, seed=1).logistic(0, 0, 100_000)
     assert float(logistic.var()) == pytest.approx(math.pi ** 2 / 3, rel=0.03)
+
+
+def test_flush_subnormal_zeroes_only_subnormals():
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.tensor([tiny, tiny / 4, -tiny / 2, 0.0, 1e-30, -1.0])
+    flushed = flush_subnormal(x)
+    assert flushed.tolist() == [tiny, 0.0, 0.0, 0.0, pytest.approx(1e-30), -1.0]

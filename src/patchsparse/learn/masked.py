@@ -28,6 +28,7 @@ from patchsparse.learn.init import init_pattern_logits, init_tile_logits
 from patchsparse.learn.noise import NoiseTable, splitmix64, table_length_for
 from patchsparse.learn.schedules import weight_reg_decay
 from patchsparse.learn.soft_masks import (
+    flush_subnormal,
     hard_pattern_index,
     hybrid_soft_weight,
     soft_kept,
@@ -168,6 +169,8 @@ class HybridMask(nn.Module):
                                                self.tile_values(), s.kappa_nm, s.tau_nm, self.grid)
         else:
             masked = hybrid_soft_weight(weight, self.sparse_mask(), self.tile_values(), self.grid)
+            if masked.device.type == "cpu":  # GPUs run subnormals at full speed
+                masked = flush_subnormal(masked)
             norm = masked.float().norm() if wants_norm else None
         if wants_norm:
             s.layer_norms[self.index] = norm.detach()
