@@ -184,3 +184,19 @@ def test_baseline_runners_on_tiny_model(quality, tiny_model_dir, tiny_tokenizer,
     # every runner puts the dense weights back
     for name, linear in select_linears(loaded.model).items():
         assert torch.equal(linear.weight, dense[name])
+
+
+def test_rows_with_the_same_prior_share_it(quality, tiny_model_dir, monkeypatch, tmp_path):
+    loaded = load_model(str(tiny_model_dir))
+    ids = torch.arange(2000) % 50
+    bench = quality.Bench(loaded.model, loaded.identity, ids, {}, {"calib_windows": 2, "seqlen": 32, "seed": 0},
+                          tmp_path)
+    calls = []
+    monkeypatch.setattr(quality, "build_prior", lambda *args: calls.append(args[2:4]) or object())
+    selection = quality.LayerSelection()
+    first, seconds = bench.prior("sparsegpt", 0.35, (16, 16), selection)
+    again, again_seconds = bench.prior("sparsegpt", 0.35, (16, 16), selection)
+    other, _ = bench.prior("sparsegpt", 0.45, (16, 16), selection)
+    assert again is first and again_seconds == seconds   # each user is charged the full time
+    assert other is not first
+    assert calls == [("sparsegpt", 0.35), ("sparsegpt", 0.45)]
