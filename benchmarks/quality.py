@@ -463,8 +463,19 @@ def _fmt_pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
 
+TWO_FOUR_ROWS = ("magnitude-2:4", "wanda-2:4", "sparsegpt-2:4", "maskllm-2:4")
+
+
+def best_two_four(rows: dict[str, dict[str, Any]], split: str) -> float | None:
+    """The lowest perplexity of the whole-model 2:4 rows on `split` (a stricter reference than MaskLLM
+    when a short training budget leaves MaskLLM behind SparseGPT, whose weight update it lacks)."""
+    values = [rows[n]["figures"]["ppl"][split] for n in TWO_FOUR_ROWS if n in rows and split in rows[n]["figures"]["ppl"]]
+    return min(values) if values else None
+
+
 def gap_rows(rows: dict[str, dict[str, Any]], splits: list[str]) -> list[dict[str, Any]]:
-    """Gap closed by PATCH-Tile and PATCH-Joint at 45/35/25% against MaskLLM 2:4 and dense, per split."""
+    """Gap closed by PATCH-Tile and PATCH-Joint at 45/35/25%, per split: against MaskLLM 2:4 and dense
+    (`closed`), and against the best 2:4 row and dense (`closed_vs_best`)."""
     out = []
     dense, maskllm = rows.get("dense"), rows.get("maskllm-2:4")
     for mode in ("patch-tile", "patch-joint"):
@@ -475,7 +486,9 @@ def gap_rows(rows: dict[str, dict[str, Any]], splits: list[str]) -> list[dict[st
             closed = {split: gap_closed(dense["figures"]["ppl"][split], maskllm["figures"]["ppl"][split],
                                         patch["figures"]["ppl"][split])
                       for split in splits if split in patch["figures"]["ppl"]}
-            out.append({"mode": mode, "sparsity": s, "closed": closed})
+            vs_best = {split: gap_closed(dense["figures"]["ppl"][split], best, patch["figures"]["ppl"][split])
+                       for split in closed if (best := best_two_four(rows, split)) is not None}
+            out.append({"mode": mode, "sparsity": s, "closed": closed, "closed_vs_best": vs_best})
     return out
 
 
@@ -557,17 +570,23 @@ def render_results(rows: dict[str, dict[str, Any]], specs: list[MethodSpec], set
               "Fraction of the perplexity gap between MaskLLM 2:4 and dense that PATCH closes: "
               "(ppl_MaskLLM − ppl_PATCH) / (ppl_MaskLLM − ppl_dense). Goal 30/55/70% at 45/35/25%; "
               "the paper closes 21/44/56% on Qwen-2.5 0.5B.", "",
-              "| PATCH | sparsity | " + " | ".join(f"closed ({s})" for s in splits) + " | goal | paper | goal met |",
-              "|---|---|" + "---|" * len(splits) + "---|---|---|"]
+              "The last columns measure the gap from the best 2:4 row instead (the lowest of magnitude, Wanda, "
+              "SparseGPT and MaskLLM 2:4 on that split): with a short training budget MaskLLM can stay behind "
+              "SparseGPT, which also updates the kept weights, and the MaskLLM gap then flatters PATCH.", "",
+              "| PATCH | sparsity | " + " | ".join(f"closed ({s})" for s in splits) + " | goal | paper | goal met | "
+              + " | ".join(f"vs best 2:4 ({s})" for s in splits) + " |",
+              "|---|---|" + "---|" * len(splits) + "---|---|---|" + "---|" * len(splits)]
     gaps = gap_rows(rows, splits)
     for g in gaps:
         first = g["closed"].get(splits[0])
         met = "n/a" if first is None else ("yes" if first >= GAP_GOALS[g["sparsity"]] else "no")
         lines.append(f"| {g['mode']} | {g['sparsity']:.0%} | "
                      + " | ".join(_fmt_pct(g["closed"].get(s)) for s in splits)
-                     + f" | {GAP_GOALS[g['sparsity']]:.0%} | {PAPER_GAP[g['sparsity']]:.0%} | {met} |")
+                     + f" | {GAP_GOALS[g['sparsity']]:.0%} | {PAPER_GAP[g['sparsity']]:.0%} | {met} | "
+                     + " | ".join(_fmt_pct(g["closed_vs_best"].get(s)) for s in splits) + " |")
     if not gaps:
-        lines.append("| (needs dense, MaskLLM 2:4 and a PATCH row) | | " + " | ".join("" for _ in splits) + " | | | |")
+        lines.append("| (needs dense, MaskLLM 2:4 and a PATCH row) | | " + " | ".join("" for _ in splits) + " | | | | "
+                     + " | ".join("" for _ in splits) + " |")
     lines += ["", "`goal met` is judged on the first split; n/a where MaskLLM is not worse than dense."]
 
     seeded = [rows[n] for n in ("patch-joint-35%", "patch-joint-35%-seed1", "patch-joint-35%-seed2") if n in rows]

@@ -100,8 +100,13 @@ def test_render_results_computes_gap_closed(quality):
             "patch-joint-35%": row("patch-joint-35%", 0.35, 11.6),    # 60%
             "patch-joint-35%-seed1": row("s1", 0.35, 11.8), "patch-joint-35%-seed2": row("s2", 0.35, 11.4)}
     text = quality.render_results(rows, specs, settings, "python benchmarks/quality.py", ["in-domain"], None, "none")
-    assert "| patch-joint | 45% | 25% | 30% | 21% | no |" in text
-    assert "| patch-joint | 35% | 60% | 55% | 44% | yes |" in text
+    assert "| patch-joint | 45% | 25% | 30% | 21% | no | 25% |" in text
+    assert "| patch-joint | 35% | 60% | 55% | 44% | yes | 60% |" in text
+    # a SparseGPT 2:4 row better than MaskLLM becomes the stricter reference: (12 − 11.6) / (12 − 10)
+    rows["sparsegpt-2:4"] = row("sparsegpt-2:4", 0.5, 12.0)
+    text = quality.render_results(rows, specs, settings, "python benchmarks/quality.py", ["in-domain"], None, "none")
+    assert "| patch-joint | 35% | 60% | 55% | 44% | yes | 20% |" in text
+    assert "| patch-joint | 45% | 25% | 30% | 21% | no | -50% |" in text
     assert "in-domain: 11.60 ± 0.20 (n = 3)" in text
     assert "| Wanda 2:4 | 50% | not run |" in text
     assert "commit `abc`" in text
