@@ -301,7 +301,10 @@ def learn_config(spec: MethodSpec, settings: dict[str, Any], model: nn.Module) -
         mask = replace(mask, tile=tile)
     train = replace(config.train, steps=settings["steps"], seed=spec.seed,
                     seqlen=settings["train_seqlen"] or config.train.seqlen)
-    return replace(config, mask=mask, train=train)
+    optim = config.optim
+    if settings.get("nm_lr_scale") is not None and spec.mode == "patch-joint":
+        optim = replace(optim, nm_lr_scale=settings["nm_lr_scale"])
+    return replace(config, mask=mask, train=train, optim=optim)
 
 
 def run_dense(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
@@ -676,6 +679,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: the preset's)")
     p.add_argument("--preset", default="cpu", choices=("cpu", "paper"))
     p.add_argument("--train-seqlen", type=int, default=None, help="training window length (default: the preset's)")
+    p.add_argument("--nm-lr-scale", type=float, default=None, help="PATCH-Joint: the 2:4 logits' learning rate "
+                   "as a fraction of the tile logits' (default: the preset's)")
     p.add_argument("--calib-windows", type=int, default=None, help="calibration windows (default 32; --tiny 2)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluation windows per split (default 16; --tiny 2)")
     p.add_argument("--seqlen", type=int, default=None, help="calibration / evaluation window (default 512; --tiny 64)")
@@ -701,6 +706,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.nm_lr_scale is not None and not args.nm_lr_scale > 0:
+        p.error("--nm-lr-scale must be positive")
     return args
 
 
@@ -748,6 +755,8 @@ def main(argv: list[str] | None = None) -> int:
                     "train_seqlen": args.train_seqlen, "calib_windows": args.calib_windows,
                     "eval_windows": args.eval_windows, "seqlen": args.seqlen, "seed": args.seed,
                     "ood": args.ood if args.ood in ("none", "shakespeare") else Path(args.ood).name}
+        if args.nm_lr_scale is not None:  # only when given, so the default settings keep their results
+            settings["nm_lr_scale"] = args.nm_lr_scale
         if settings["steps"] is None:  # record the number the preset stands for, so the key says what ran
             settings["steps"] = preset_config(args.preset, "patch-joint", 0.35).train.steps
         model = loaded.model

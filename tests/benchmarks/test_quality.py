@@ -205,3 +205,14 @@ def test_rows_with_the_same_prior_share_it(quality, tiny_model_dir, monkeypatch,
     assert again is first and again_seconds == seconds   # each user is charged the full time
     assert other is not first
     assert calls == [("sparsegpt", 0.35), ("sparsegpt", 0.45)]
+
+
+def test_nm_lr_scale_changes_patch_joint_only(quality):
+    by_name = {s.name: s for s in quality.default_specs()}
+    settings = {"preset": "cpu", "steps": 5, "train_seqlen": None}
+    joint, tile = by_name["patch-joint-35%"], by_name["patch-tile-35%"]
+    preset_scale = quality.learn_config(joint, settings, None).optim.nm_lr_scale
+    assert quality.learn_config(joint, {**settings, "nm_lr_scale": 0.1}, None).optim.nm_lr_scale == 0.1 != preset_scale
+    assert quality.learn_config(tile, {**settings, "nm_lr_scale": 0.1}, None).optim == \
+        quality.learn_config(tile, settings, None).optim
+    assert quality.learn_config(joint, settings, None).train.steps == 5
