@@ -368,7 +368,9 @@ def run_blocks(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
 
 def run_learned(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
     config = learn_config(spec, bench.settings, bench.model)
-    key = settings_key({"spec": asdict(spec), "settings": bench.settings})[:10]
+    # the extraction policy is not part of training: another policy re-extracts the trained logits
+    training_settings = {k: v for k, v in bench.settings.items() if k != "extraction"}
+    key = settings_key({"spec": asdict(spec), "settings": training_settings})[:10]
     run_dir = bench.out / "learn" / f"{spec.name.replace(':', '-').replace('%', '')}-{key}"
     resume = (run_dir / CHECKPOINT_FILE).is_file() or (run_dir / PRIOR_FILE).is_file()
     prior, prior_seconds = None, 0.0
@@ -379,7 +381,7 @@ def run_learned(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
     windows = shuffled_blocks(bench.train_ids, config.train.seqlen, spec.seed)
     result = learn_masks(bench.model, windows, config, prior, run_dir, resume=resume)
     target = None if spec.mode == "maskllm" else spec.sparsity
-    masks = extract_masks(bench.model, "exact", target, spec.mode)
+    masks = extract_masks(bench.model, bench.settings.get("extraction", "exact"), target, spec.mode)
     remove_masks(bench.model)
     seconds = prior_seconds + time.perf_counter() - start
     ppl = {split: masked_perplexity(bench.model, masks, windows_, f"{spec.name} {split}")
@@ -548,6 +550,7 @@ def render_results(rows: dict[str, dict[str, Any]], specs: list[MethodSpec], set
     lines += ["", f"Perplexity on {', '.join(splits)}: {settings['eval_windows']} windows of {settings['seqlen']} tokens "
               f"each ({ood_note}). Learned methods train {budget} of the `{settings['preset']}` preset, all on the "
               f"same token budget, from a SparseGPT prior on {settings['calib_windows']} calibration windows; "
+              f"hard tiles are extracted with the `{settings.get('extraction', 'exact')}` policy; "
               "one-shot methods see only the calibration windows. Sparsity is measured over all decoder linears. "
               "Wall time is the whole row (pruning or training, extraction and evaluation); method time "
               "leaves out evaluation.", ""]
@@ -681,6 +684,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-seqlen", type=int, default=None, help="training window length (default: the preset's)")
     p.add_argument("--nm-lr-scale", type=float, default=None, help="PATCH-Joint: the 2:4 logits' learning rate "
                    "as a fraction of the tile logits' (default: the preset's)")
+    p.add_argument("--extraction", default="exact", choices=("exact", "threshold"),
+                   help="how learned tiles are made hard: exact (the target to within a tile) or threshold "
+                   "(the published ℓ > 0); a finished training run is re-extracted, not retrained")
     p.add_argument("--calib-windows", type=int, default=None, help="calibration windows (default 32; --tiny 2)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluation windows per split (default 16; --tiny 2)")
     p.add_argument("--seqlen", type=int, default=None, help="calibration / evaluation window (default 512; --tiny 64)")
@@ -755,8 +761,11 @@ def main(argv: list[str] | None = None) -> int:
                     "train_seqlen": args.train_seqlen, "calib_windows": args.calib_windows,
                     "eval_windows": args.eval_windows, "seqlen": args.seqlen, "seed": args.seed,
                     "ood": args.ood if args.ood in ("none", "shakespeare") else Path(args.ood).name}
-        if args.nm_lr_scale is not None:  # only when given, so the default settings keep their results
+        # only when not the default, so that the default settings keep their results
+        if args.nm_lr_scale is not None:
             settings["nm_lr_scale"] = args.nm_lr_scale
+        if args.extraction != "exact":
+            settings["extraction"] = args.extraction
         if settings["steps"] is None:  # record the number the preset stands for, so the key says what ran
             settings["steps"] = preset_config(args.preset, "patch-joint", 0.35).train.steps
         model = loaded.model

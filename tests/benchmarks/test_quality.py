@@ -216,3 +216,17 @@ def test_nm_lr_scale_changes_patch_joint_only(quality):
     assert quality.learn_config(tile, {**settings, "nm_lr_scale": 0.1}, None).optim == \
         quality.learn_config(tile, settings, None).optim
     assert quality.learn_config(joint, settings, None).train.steps == 5
+
+
+def test_threshold_extraction_reuses_the_trained_run(quality, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert quality.main(["--tiny", "--out", str(out), "--only", "dense,patch-joint-35%"]) == 0
+    run_dirs = sorted((out / "learn").iterdir())
+    assert quality.main(["--tiny", "--out", str(out), "--only", "dense,patch-joint-35%",
+                         "--extraction", "threshold", "--results", str(out / "threshold.md")]) == 0
+    assert sorted((out / "learn").iterdir()) == run_dirs          # no second training run
+    records = quality.read_results(out / quality.RESULTS_FILE)
+    joint = [r for r in records if r["name"] == "patch-joint-35%"]
+    assert [r["settings"].get("extraction", "exact") for r in joint] == ["exact", "threshold"]
+    assert joint[1]["figures"]["resumed_from"] is not None           # re-extracted from the finished run
+    assert "`threshold` policy" in (out / "threshold.md").read_text()
