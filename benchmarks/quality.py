@@ -419,6 +419,21 @@ def settings_key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=list).encode()).hexdigest()
 
 
+def running_commit() -> str | None:
+    """The commit of the code this process runs, read once at start-up (HEAD may move while a long
+    run goes on), marked when the tracked sources differ from it."""
+    commit = git_commit()
+    if commit is None:
+        return None
+    root = Path(__file__).resolve().parents[1]
+    try:
+        diff = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks"],
+                              cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return commit
+    return f"{commit}+uncommitted" if diff.returncode == 0 and diff.stdout.strip() else commit
+
+
 def reproduce_command(argv: list[str]) -> str:
     """The command line that reruns every row with these settings (`--only` and `--list` dropped)."""
     kept, skip = [], False
@@ -774,7 +789,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         command = reproduce_command(argv if argv is not None else sys.argv[1:])
         print(f"machine: {json.dumps(machine_summary())}")
-        print(f"commit:  {git_commit()}")
+        commit = running_commit()
+        print(f"commit:  {commit}")
         print(f"settings: {json.dumps(settings, sort_keys=True)}")
         splits = list(evals)
         results_path = args.out / RESULTS_FILE
@@ -787,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
             figures = run_spec(bench, spec)
             bench.restore()
             record = {"name": spec.name, "key": settings_key({"spec": asdict(spec), "settings": settings}),
-                      "spec": asdict(spec), "settings": settings, "figures": figures, "commit": git_commit(),
+                      "spec": asdict(spec), "settings": settings, "figures": figures, "commit": commit,
                       "machine": machine_summary(), "command": command,
                       "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             append_result(results_path, record)
