@@ -82,7 +82,7 @@ class MethodSpec:
     label: str
     sparsity: float = 0.0          # target (global, over decoder linears)
     pruner: str = "sparsegpt"      # one-shot pruner, or the prior of a learned method
-    pattern: str = "2:4"           # oneshot: 2:4 | unstructured
+    pattern: str = "2:4"           # oneshot: 2:4 | unstructured | hybrid (dense tiles + 2:4)
     layers: str = "all"            # oneshot: all | mlp
     mode: str | None = None        # learned: maskllm | patch-tile | patch-joint
     tile: tuple[int, int] | None = None   # learned: None = the preset's; (r, FULL_WIDTH) = row stripes
@@ -102,6 +102,9 @@ def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (
     for s in (0.25, 0.35, 0.45):
         specs.append(MethodSpec(f"sparsegpt-unstructured-{s:.0%}", "oneshot", "sparsity-matched baselines",
                                 f"SparseGPT unstructured {s:.0%}", s, pattern="unstructured"))
+    for s in (0.25, 0.35, 0.45):
+        specs.append(MethodSpec(f"sparsegpt-hybrid-{s:.0%}", "oneshot", "sparsity-matched baselines",
+                                f"SparseGPT hybrid {s:.0%} (one-shot tiles, weight update)", s, pattern="hybrid"))
     specs.append(MethodSpec("sparsegpt-2:4-mlp", "oneshot", "sparsity-matched baselines",
                             "SparseGPT 2:4, MLP projections only", 0.5, layers="mlp"))
     for s in (0.35, 0.45):
@@ -314,9 +317,13 @@ def run_dense(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
 def run_oneshot(bench: Bench, spec: MethodSpec, selection: LayerSelection = LayerSelection(),
                 extra_tokens: int = 0) -> dict[str, Any]:
     start = time.perf_counter()
-    pattern = "unstructured" if spec.pattern == "unstructured" else spec.pattern
-    spec_masks = prune_model(bench.model, bench.calibration(), spec.pruner, pattern,
-                             spec.sparsity if spec.pattern == "unstructured" else None, selection=selection)
+    if spec.pattern == "hybrid":  # the one-shot PATCH prior itself: the layer's best tiles dense, 2:4 elsewhere
+        tile = preset_config(bench.settings["preset"], "patch-tile", spec.sparsity).mask.tile
+        spec_masks = prune_model(bench.model, bench.calibration(), spec.pruner, "2:4", spec.sparsity, tile=tile,
+                                 selection=selection)
+    else:
+        spec_masks = prune_model(bench.model, bench.calibration(), spec.pruner, spec.pattern,
+                                 spec.sparsity if spec.pattern == "unstructured" else None, selection=selection)
     seconds = time.perf_counter() - start
     try:
         ppl = bench.perplexities(spec.name)
@@ -522,6 +529,7 @@ def plot_png(rows: dict[str, dict[str, Any]], specs: list[MethodSpec], splits: l
     families = [("PATCH-Joint", lambda s: s.mode == "patch-joint" and s.group == "learned", "o-"),
                 ("PATCH-Tile", lambda s: s.mode == "patch-tile" and s.group == "learned", "s-"),
                 ("SparseGPT unstructured", lambda s: s.pattern == "unstructured", "^--"),
+                ("SparseGPT hybrid (one-shot tiles)", lambda s: s.pattern == "hybrid", "<--"),
                 ("2:4 on a subset of blocks (edges)", lambda s: s.allocation == "edges", "v:"),
                 ("2:4 on OWL-chosen blocks", lambda s: s.allocation == "owl", "d:"),
                 ("SparseGPT 2:4 MLP only", lambda s: s.layers == "mlp", "P"),
@@ -623,6 +631,9 @@ def render_results(rows: dict[str, dict[str, Any]], specs: list[MethodSpec], set
     lines += ["", "## How the baselines are built", "",
               "- One-shot rows prune with their method's own calibration (SparseGPT updates the kept weights); "
               "learned rows keep the weights frozen and learn masks only.",
+              "- *SparseGPT hybrid*: the one-shot PATCH prior with SparseGPT's weight update: each layer's "
+              "highest-scoring tiles (the preset's tile size) dense, so that the layer is at the target, and "
+              "SparseGPT 2:4 elsewhere; it shows what learning adds over the one-shot tile choice.",
               "- *MLP projections only*: SparseGPT 2:4 on gate/up/down, attention dense; its global sparsity "
               "is the MLP share of the weights times 50%.",
               "- *Middle blocks*: SparseGPT 2:4 on whole decoder blocks, the first and last blocks dense, as "

@@ -168,7 +168,7 @@ def test_baseline_runners_on_tiny_model(quality, tiny_model_dir, tiny_tokenizer,
     """The one-shot, MLP-only, block-subset and OWL rows (not in the tiny table) on the tiny Llama."""
     loaded = load_model(str(tiny_model_dir))
     ids = torch.randint(0, len(tiny_tokenizer), (2000,), generator=torch.Generator().manual_seed(0))
-    settings = {"calib_windows": 2, "seqlen": 32, "seed": 0}
+    settings = {"calib_windows": 2, "seqlen": 32, "seed": 0, "preset": "cpu"}
     dense = {n: l.weight.detach().clone() for n, l in select_linears(loaded.model).items()}
     bench = quality.Bench(loaded.model, loaded.identity, ids, {"in-domain": ids[:64].view(2, 32)}, settings,
                           tmp_path, dense)
@@ -178,6 +178,10 @@ def test_baseline_runners_on_tiny_model(quality, tiny_model_dir, tiny_tokenizer,
 
     unstructured = quality.run_spec(bench, by_name["sparsegpt-unstructured-35%"])
     assert unstructured["sparsity"] == pytest.approx(0.35, abs=0.01)
+    hybrid = quality.run_spec(bench, by_name["sparsegpt-hybrid-35%"])
+    # the preset's 128×128 tiles cover each tiny layer whole, and per layer 50% (all 2:4) is closer
+    # to the 35% target than 0% (the one tile dense)
+    assert hybrid["sparsity"] == pytest.approx(0.5) and hybrid["masked_layers"] == len(dense)
     mlp_only = quality.run_spec(bench, by_name["sparsegpt-2:4-mlp"])
     assert mlp_only["sparsity"] == pytest.approx(0.5 * mlp / total)
     edges = quality.run_spec(bench, by_name["blocks-edges-45%"])   # 2 blocks: round(1.8) = 2 sparse
