@@ -12,7 +12,7 @@ learned="patch-tile-25%,patch-tile-35%,patch-tile-45%,patch-joint-25%,patch-join
 "$PY" benchmarks/quality.py --out runs/quality --extraction threshold --only "dense,maskllm-2:4,$learned" \
     --results runs/quality/RESULTS-threshold.md
 # 2. PATCH-Joint with its 2:4 logits at a third of the preset's learning rate (0.1 instead of 0.3 of lr)
-"$PY" benchmarks/quality.py --out runs/study-nm-lr --nm-lr-scale 0.1 --only patch-joint-35% \
+"$PY" benchmarks/quality.py --out runs/study-nm-lr --nm-lr-scale 0.1 --only patch-joint-25%,patch-joint-35%,patch-joint-45% \
     --results runs/study-nm-lr/RESULTS.md
 # 3. three times the training budget for MaskLLM and PATCH-Tile 35%
 "$PY" benchmarks/quality.py --out runs/study-steps120 --steps 120 --only dense,maskllm-2:4,patch-tile-35% \
