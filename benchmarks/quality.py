@@ -9,7 +9,7 @@ appended to `OUT/results.jsonl` as soon as it is finished, so an interrupted run
 stopped (finished methods with the same settings are skipped; a learned method resumes from its
 checkpoint). `RESULTS.md` and the plot are rebuilt from that file after every method.
 
-    python benchmarks/quality.py                                   # everything (hours on a 2-core CPU)
+    python benchmarks/quality.py                                   # everything (~90 min on a 2-core CPU)
     python benchmarks/quality.py --only dense,sparsegpt-2:4 --eval-windows 2    # a quick look
     python benchmarks/quality.py --steps 200                       # a larger training budget
     python benchmarks/quality.py --tiny --out runs/q             # tiny random Llama, seconds
