@@ -305,7 +305,7 @@ def learn_config(spec: MethodSpec, settings: dict[str, Any], model: nn.Module) -
     train = replace(config.train, steps=settings["steps"], seed=spec.seed,
                     seqlen=settings["train_seqlen"] or config.train.seqlen)
     optim = config.optim
-    if settings.get("nm_lr_scale") is not None and spec.mode == "patch-joint":
+    if settings.get("nm_lr_scale") is not None and spec.mode in ("patch-joint", "maskllm"):
         optim = replace(optim, nm_lr_scale=settings["nm_lr_scale"])
     return replace(config, mask=mask, train=train, optim=optim)
 
@@ -708,8 +708,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: the preset's)")
     p.add_argument("--preset", default="cpu", choices=("cpu", "paper"))
     p.add_argument("--train-seqlen", type=int, default=None, help="training window length (default: the preset's)")
-    p.add_argument("--nm-lr-scale", type=float, default=None, help="PATCH-Joint: the 2:4 logits' learning rate "
-                   "as a fraction of the tile logits' (default: the preset's)")
+    p.add_argument("--nm-lr-scale", type=float, default=None, help="PATCH-Joint and MaskLLM: the 2:4 logits' "
+                   "learning rate as a fraction of the preset's base rate, at which tile logits train "
+                   "(default: the preset's, 0.3 for PATCH-Joint and 1 for MaskLLM)")
     p.add_argument("--extraction", default="exact", choices=("exact", "threshold"),
                    help="how learned tiles are made hard: exact (the target to within a tile) or threshold "
                    "(the published ℓ > 0); a finished training run is re-extracted, not retrained")

@@ -211,7 +211,7 @@ def test_rows_with_the_same_prior_share_it(quality, tiny_model_dir, monkeypatch,
     assert calls == [("sparsegpt", 0.35), ("sparsegpt", 0.45)]
 
 
-def test_nm_lr_scale_changes_patch_joint_only(quality):
+def test_nm_lr_scale_changes_the_modes_with_2_4_logits_only(quality):
     by_name = {s.name: s for s in quality.default_specs()}
     settings = {"preset": "cpu", "steps": 5, "train_seqlen": None}
     joint, tile = by_name["patch-joint-35%"], by_name["patch-tile-35%"]
@@ -220,6 +220,8 @@ def test_nm_lr_scale_changes_patch_joint_only(quality):
     assert quality.learn_config(tile, {**settings, "nm_lr_scale": 0.1}, None).optim == \
         quality.learn_config(tile, settings, None).optim
     assert quality.learn_config(joint, settings, None).train.steps == 5
+    maskllm = by_name["maskllm-2:4"]
+    assert quality.learn_config(maskllm, {**settings, "nm_lr_scale": 0.25}, None).optim.nm_lr_scale == 0.25
 
 
 def test_threshold_extraction_reuses_the_trained_run(quality, tmp_path, capsys):
