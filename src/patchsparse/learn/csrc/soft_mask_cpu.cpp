@@ -28,7 +28,7 @@ inline void soft_patterns(const float* logits, const float* noise, float scale, 
   for (int k = 1; k < 6; ++k) zmax = z[k] > zmax ? z[k] : zmax;
   float sum = 0.f;
   for (int k = 0; k < 6; ++k) {
-    // exp(-80) ≈ 1.8e-35: a smaller share is zero here, and exp never produces a subnormal
+    // shares below exp(-80) ≈ 1.8e-35 are set to zero, so exp never produces a subnormal
     const float d = z[k] - zmax;
     y[k] = d > -80.f ? std::exp(d) : 0.f;
     sum += y[k];
