@@ -317,13 +317,11 @@ def run_dense(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
 def run_oneshot(bench: Bench, spec: MethodSpec, selection: LayerSelection = LayerSelection(),
                 extra_tokens: int = 0) -> dict[str, Any]:
     start = time.perf_counter()
-    if spec.pattern == "hybrid":  # the one-shot PATCH prior itself: the layer's best tiles dense, 2:4 elsewhere
-        tile = preset_config(bench.settings["preset"], "patch-tile", spec.sparsity).mask.tile
-        spec_masks = prune_model(bench.model, bench.calibration(), spec.pruner, "2:4", spec.sparsity, tile=tile,
-                                 selection=selection)
-    else:
-        spec_masks = prune_model(bench.model, bench.calibration(), spec.pruner, spec.pattern,
-                                 spec.sparsity if spec.pattern == "unstructured" else None, selection=selection)
+    hybrid = spec.pattern == "hybrid"  # the one-shot PATCH prior itself: the layer's best tiles dense, 2:4 elsewhere
+    tile = preset_config(bench.settings["preset"], "patch-tile", spec.sparsity).mask.tile if hybrid else None
+    sparsity = spec.sparsity if spec.pattern in ("unstructured", "hybrid") else None  # N:M implies its own
+    spec_masks = prune_model(bench.model, bench.calibration(), spec.pruner, "2:4" if hybrid else spec.pattern,
+                             sparsity, tile=tile, selection=selection)
     seconds = time.perf_counter() - start
     try:
         ppl = bench.perplexities(spec.name)
