@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "patchsparse.cli.run",
     "patchsparse.cli.prune",
     "patchsparse.cli.learn",
+    "patchsparse.cli.reconstruct",
     "patchsparse.cli.apply",
     "patchsparse.cli.export",
     "patchsparse.cli.report",
