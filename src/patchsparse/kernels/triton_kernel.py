@@ -2,8 +2,8 @@
 
 One program computes a (BLOCK_M tokens) x (BLOCK_N output rows) block of y = x @ W^T. It walks
 its row of weight blocks (or, with SPLIT_K > 1, its slice of that row: the third grid axis, for few
-tokens, the slices adding into an fp32 output with atomics): first the 2:4 blocks, whose values (BLOCK_N, BLOCK_K/2) and metadata
-bytes (BLOCK_N, BLOCK_K/8) are read compressed and expanded to a dense (BLOCK_N, BLOCK_K) block
+tokens, the slices adding into an fp32 output with atomics): first the 2:4 blocks, whose values
+(BLOCK_N, BLOCK_K/2) and metadata bytes (BLOCK_N, BLOCK_K/8) are read compressed and expanded to a dense (BLOCK_N, BLOCK_K) block
 in registers, then the dense blocks; every block goes through `tl.dot` with fp32 accumulation
 (IEEE products for fp32 inputs: Triton's default would be TF32).
 Memory traffic for 2:4 blocks is 0.56x of dense, which is what decode (few tokens) is limited by;
