@@ -179,6 +179,12 @@ class LearnConfig:
                    OptimConfig(**optim), TrainConfig(**data["train"]))
 
 
-def replace(config: Any, **changes: Any) -> Any:
-    """`dataclasses.replace` that ignores `None` values (unset CLI options)."""
+def with_overrides(config: Any, **changes: Any) -> Any:
+    """`config` with the given changes, skipping `None` values (unset CLI options); unlike
+    `dataclasses.replace`, which would set them."""
     return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+
+
+# The former name, which reads like `dataclasses.replace` but drops `None`s; kept only until its last
+# importers (cli/run.py, benchmarks/quality.py) use `with_overrides`.
+replace = with_overrides
