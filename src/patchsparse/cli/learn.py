@@ -23,7 +23,7 @@ from patchsparse.data.windows import shuffled_blocks
 from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
 from patchsparse.extract import POLICIES, extract_masks, extraction_report
-from patchsparse.learn.config import MODES, LearnConfig, LinearSchedule, replace
+from patchsparse.learn.config import MODES, LearnConfig, LinearSchedule, with_overrides
 from patchsparse.learn.masked import remove_masks
 from patchsparse.learn.presets import PRESETS, preset_config
 from patchsparse.learn.priors import PRIOR_METHODS, build_prior
@@ -92,18 +92,18 @@ def config_from_args(args: argparse.Namespace) -> LearnConfig:
     sparsity = args.sparsity if args.sparsity is not None else (0.5 if args.mode == "maskllm" else 0.35)
     config = preset_config(args.preset, args.mode, sparsity)
     selection = LayerSelection(tuple(args.include) if args.include else (r".*",), tuple(args.exclude))
-    mask = replace(config.mask, tile=tuple(args.tile) if args.tile else None, selection=selection,
-                   prior_strength_nm=args.prior_strength, prior_strength_tile=args.prior_strength,
-                   hard_nm=args.hard, hard_tile=args.hard)
+    mask = with_overrides(config.mask, tile=tuple(args.tile) if args.tile else None, selection=selection,
+                          prior_strength_nm=args.prior_strength, prior_strength_tile=args.prior_strength,
+                          hard_nm=args.hard, hard_tile=args.hard)
     schedules = {name: LinearSchedule(*getattr(args, name)) for name in ("tau_nm", "kappa_nm", "tau_tile", "kappa_tile")
                  if getattr(args, name) is not None}
-    sampling = replace(config.sampling, **schedules)
-    objective = replace(config.objective, sparse_reg=args.sparse_reg, weight_reg=args.weight_reg,
-                        density_scope=args.density_scope)
-    optim = replace(config.optim, lr=args.lr, nm_lr_scale=args.nm_lr_scale, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay)
-    train = replace(config.train, steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum,
-                    seqlen=args.seqlen, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                    activation_checkpointing=args.activation_checkpointing)
+    sampling = with_overrides(config.sampling, **schedules)
+    objective = with_overrides(config.objective, sparse_reg=args.sparse_reg, weight_reg=args.weight_reg,
+                               density_scope=args.density_scope)
+    optim = with_overrides(config.optim, lr=args.lr, nm_lr_scale=args.nm_lr_scale, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay)
+    train = with_overrides(config.train, steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum,
+                           seqlen=args.seqlen, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                           activation_checkpointing=args.activation_checkpointing)
     config = LearnConfig(mask, sampling, objective, optim, train)
     config.check()
     return config

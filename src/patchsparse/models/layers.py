@@ -1,7 +1,7 @@
 """Which linear layers get masks: chosen by name patterns, never by shape or module order.
 
 Only `nn.Linear` modules inside the decoder blocks are candidates, so `lm_head` and the
-embeddings can never be selected (PATCH §2.5).
+embeddings can never be selected (docs/METHOD.md §1).
 """
 
 from __future__ import annotations
