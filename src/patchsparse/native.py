@@ -87,9 +87,9 @@ class NativeKernel:
         self._error: BaseException | None = None  # the build's own error (compiler output)
 
     def build_directory(self) -> Path:
-        from patchsparse.models.builtin import cache_root
-
         import torch
+
+        from patchsparse.models.builtin import cache_root
 
         key = hashlib.sha256(b"\0".join([self.source.read_bytes(), torch.__version__.encode(),
                                          " ".join(self.cflags).encode(), _cpu_identity().encode()])).hexdigest()[:16]
@@ -98,7 +98,7 @@ class NativeKernel:
     def load(self) -> ModuleType | None:
         """The compiled module, building it the first time; None when it cannot be built here
         (KernelBuildError instead when PATCHSPARSE_REQUIRE_KERNELS=1)."""
-        if self._status is None:  # fast path below: called on every forward
+        if self._status is None:  # checked before taking the lock: load() runs on every forward
             with _lock:
                 if self._status is None:
                     self._try_load()
