@@ -25,6 +25,9 @@ def _config(family: str):
                             ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=256)
     if family == "gpt-neox":  # fused query_key_value projection, untied embed_out
         return tf.GPTNeoXConfig(**_COMMON, intermediate_size=128, rotary_pct=0.5, tie_word_embeddings=False)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(**_COMMON, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=False,
+                             pad_token_id=0)
     if family == "gemma3-mixed":  # sliding-window and full attention interleaved
         return tf.Gemma3TextConfig(**_COMMON, intermediate_size=128, num_key_value_heads=2, head_dim=16,
                                    sliding_window=4, layer_types=["sliding_attention", "full_attention"],
@@ -39,7 +42,8 @@ def _config(family: str):
     raise KeyError(family)
 
 
-FAMILIES = ("llama", "qwen2", "opt", "gpt-neox", "gemma3-mixed", "mixtral", "qwen2-moe")
+FAMILIES = ("llama", "qwen2", "opt", "gpt-neox", "phi3", "gemma3-mixed", "mixtral", "qwen2-moe")
+MOE = ("mixtral", "qwen2-moe")
 
 
 def build_family(family: str, seed: int = 0) -> torch.nn.Module:
