@@ -156,7 +156,7 @@ def load_local_corpus(path: Path) -> Corpus:
         note = (f"{path.name} has {len(texts)} {unit}(s), fewer than {EVAL_EVERY}: its last tenth of "
                 f"{'lines' if unit == 'paragraph' else 'records'} is held out for evaluation instead of every "
                 f"{EVAL_EVERY}th {unit}")
-    if not held or not train:
+    if not held:
         raise PatchsparseError(
             f"data file '{path}' has {len(texts)} {unit}(s) and cannot give both a training and an evaluation "
             f"split; give a file of at least two lines (every {EVAL_EVERY}th {unit} is held out, or the last "
