@@ -75,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--include", nargs="+", default=None, help="regexes of layer names to mask (default: all decoder linears)")
     p.add_argument("--exclude", nargs="+", default=(), help="regexes of layer names never masked")
     p.add_argument("--policy", choices=POLICIES, default="exact", help="how hard tiles are extracted")
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the prior and learned masks on the eval split (default: on; --no-eval skips)")
     p.add_argument("--eval-windows", type=int, default=16,
                    help="perplexity windows of the eval split for prior vs learned masks (0: skip)")
     p.add_argument("--eval-seqlen", type=int, default=512)
@@ -177,6 +179,9 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     model = loaded.model
     check_seqlen(config.train.seqlen, loaded.max_positions)
+    evaluate = args.eval and args.eval_windows > 0
+    if evaluate:  # checked before the prior, the expensive part, is computed
+        check_seqlen(args.eval_seqlen, loaded.max_positions, "--eval-seqlen")
     corpus = load_corpus(args.data)
     train_ids = tokenize_texts(loaded.tokenizer, corpus.train)
     windows = shuffled_blocks(train_ids, config.train.seqlen, config.train.seed)
@@ -191,8 +196,7 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
 
     figures: dict = {}
     eval_windows = None
-    if args.eval_windows > 0 and main:  # evaluation is process 0's alone
-        check_seqlen(args.eval_seqlen, loaded.max_positions)
+    if evaluate and main:  # evaluation is process 0's alone
         eval_windows = sequential_windows(tokenize_texts(loaded.tokenizer, corpus.eval), args.eval_seqlen,
                                           args.eval_windows)
         if prior is not None:
