@@ -43,7 +43,8 @@ from patchsparse.data.windows import shuffled_blocks  # noqa: E402
 from patchsparse.errors import PatchsparseError  # noqa: E402
 from patchsparse.evaluate import evaluate_perplexity  # noqa: E402
 from patchsparse.io.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from patchsparse.learn.config import LearnConfig, replace  # noqa: E402
+from patchsparse.learn.blockwise import BlockwiseConfig  # noqa: E402
+from patchsparse.learn.config import LearnConfig, with_overrides  # noqa: E402
 from patchsparse.learn.presets import preset_config  # noqa: E402
 from patchsparse.learn.priors import build_prior  # noqa: E402
 from patchsparse.masks.spec import HybridMaskSpec  # noqa: E402
@@ -67,6 +68,7 @@ OWL_LAMBDA = 0.08         # OWL bound: per-block sparsity within ±λ of the tar
 GAP_GOALS = {0.45: 0.30, 0.35: 0.55, 0.25: 0.70}   # fraction of the MaskLLM-to-dense gap to close
 PAPER_GAP = {0.45: 0.21, 0.35: 0.44, 0.25: 0.56}   # what the paper closes on Qwen-2.5 0.5B
 LEVER_DISTILL = 1.0       # distillation share of the lever rows
+LEVER_BLOCKWISE = 64      # steps per block of the block-wise lever rows
 
 
 # ---- method specs ---------------------------------------------------------------------------------
@@ -89,6 +91,7 @@ class MethodSpec:
     allocation: str | None = None  # blocks: edges | owl
     distill: float = 0.0           # learned: share α of the dense-model distillation term
     reconstruct: str | None = None  # learned: weight reconstruction after extraction (repick | fixed)
+    blockwise: int = 0             # learned: steps per block of block-wise learning (0: end to end)
 
 
 def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (16, FULL_WIDTH))) -> list[MethodSpec]:
@@ -123,7 +126,9 @@ def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (
 
 
 LEVERS = {"distill": {"distill": LEVER_DISTILL}, "repick": {"reconstruct": "repick"},
-          "distill-repick": {"distill": LEVER_DISTILL, "reconstruct": "repick"}}
+          "distill-repick": {"distill": LEVER_DISTILL, "reconstruct": "repick"},
+          "blockwise": {"blockwise": LEVER_BLOCKWISE}, "blockwise-repick": {"blockwise": LEVER_BLOCKWISE,
+                                                                            "reconstruct": "repick"}}
 
 
 def lever_specs() -> list[MethodSpec]:
@@ -322,14 +327,14 @@ def learn_config(spec: MethodSpec, settings: dict[str, Any], model: nn.Module) -
         tile = spec.tile
         if tile[1] == FULL_WIDTH:
             tile = (tile[0], max(l.in_features for l in select_linears(model, mask.selection).values()))
-        mask = replace(mask, tile=tile)
-    train = replace(config.train, steps=settings["steps"], seed=spec.seed,
+        mask = with_overrides(mask, tile=tile)
+    train = with_overrides(config.train, steps=settings["steps"], seed=spec.seed,
                     seqlen=settings["train_seqlen"] or config.train.seqlen)
     optim = config.optim
     if settings.get("nm_lr_scale") is not None and spec.mode in ("patch-joint", "maskllm"):
-        optim = replace(optim, nm_lr_scale=settings["nm_lr_scale"])
-    objective = replace(config.objective, distill=spec.distill)
-    return replace(config, mask=mask, train=train, optim=optim, objective=objective)
+        optim = with_overrides(optim, nm_lr_scale=settings["nm_lr_scale"])
+    objective = with_overrides(config.objective, distill=spec.distill)
+    return with_overrides(config, mask=mask, train=train, optim=optim, objective=objective)
 
 
 def run_dense(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
@@ -403,20 +408,24 @@ def run_learned(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
                         "settings": training_settings})[:10]
     run_dir = bench.out / "learn" / f"{spec.mode}-{spec.sparsity:.0%}-{key}"
     prior, prior_seconds = None, 0.0
-    if not can_resume(run_dir):
+    if spec.blockwise or not can_resume(run_dir):
         tile = config.mask.tile if config.mask.learns_tiles else None
         prior, prior_seconds = bench.prior(spec.pruner, spec.sparsity, tile, config.mask.selection)
     windows = shuffled_blocks(bench.train_ids, config.train.seqlen, spec.seed)
     result = learn_pipeline(bench.model, windows, bench.calibration(), config, spec.pruner, prior=prior,
-                            out_dir=run_dir, policy=bench.settings.get("extraction", "exact"),
-                            reconstruct=spec.reconstruct)
+                            out_dir=None if spec.blockwise else run_dir,
+                            policy=bench.settings.get("extraction", "exact"), reconstruct=spec.reconstruct,
+                            blockwise=BlockwiseConfig(spec.blockwise) if spec.blockwise else None)
     seconds = prior_seconds + result.total_seconds
     ppl = {split: masked_perplexity(bench.model, result.spec, windows_, f"{spec.name} {split}", result.weights)
            for split, windows_ in bench.evals.items()}
     tc = config.train
+    # block-wise rows learn on the calibration windows: each block sees steps × windows-per-step of them
+    train_tokens = (spec.blockwise * BlockwiseConfig().windows_per_step * bench.settings["seqlen"] if spec.blockwise
+                    else tc.steps * tc.windows_per_step * tc.seqlen)
     return {"sparsity": global_sparsity(result.spec, bench.total_weights), "ppl": ppl, "method_seconds": seconds,
-            "calib_tokens": bench.calib_tokens, "train_tokens": tc.steps * tc.windows_per_step * tc.seqlen,
-            "steps": tc.steps, "tile": list(config.mask.tile) if spec.mode != "maskllm" else None,
+            "calib_tokens": bench.calib_tokens, "train_tokens": train_tokens,
+            "steps": result.learn.steps_run if spec.blockwise else tc.steps, "tile": list(config.mask.tile) if spec.mode != "maskllm" else None,
             "prior_seconds": round(prior_seconds, 1),
             "stage_seconds": {k: round(v, 1) for k, v in result.seconds.items()},
             "resumed_from": result.learn.resumed_from, "final_lm_loss": result.learn.last_metrics.get("lm_loss"),

@@ -10,7 +10,7 @@ from patchsparse.io.maskfile import load_mask_spec
 pytestmark = pytest.mark.e2e
 
 
-def test_learn_patch_tile_on_default_model(tmp_path):
+def test_learn_patch_joint_on_default_model(tmp_path):
     out, record = tmp_path / "run", tmp_path / "learn.json"
     args = ["learn", "--mode", "patch-joint", "--sparsity", "0.35", "--steps", "2", "--seqlen", "64",
             "--include", r"layers\.(0|1)\.", "--calib-windows", "1", "--eval-windows", "1", "--eval-seqlen", "64",

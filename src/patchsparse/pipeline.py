@@ -14,14 +14,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
 from patchsparse.extract import extract_masks
+from patchsparse.learn.blockwise import BlockwiseConfig, learn_blockwise
 from patchsparse.learn.config import LearnConfig
 from patchsparse.learn.distributed import SINGLE, DataParallel
 from patchsparse.learn.masked import remove_masks
 from patchsparse.learn.priors import build_prior
 from patchsparse.learn.trainer import CHECKPOINT_FILE, PRIOR_FILE, LearnResult, learn_masks
 from patchsparse.masks.spec import HybridMaskSpec
+from patchsparse.models.layers import block_index
 from patchsparse.prior.types import PriorMasks
 from patchsparse.utils import log
 
@@ -74,17 +77,22 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
                    config: LearnConfig, prior_method: str, *, prior: PriorMasks | None = None,
                    out_dir: Path | None = None, resume: bool | None = None,
                    policy: str = "exact", reconstruct: str | None = None, metadata: dict[str, Any] | None = None,
-                   parallel: DataParallel = SINGLE, shard_optimizer: bool = False) -> PipelineResult:
+                   parallel: DataParallel = SINGLE, shard_optimizer: bool = False,
+                   blockwise: BlockwiseConfig | None = None) -> PipelineResult:
     """Learn masks on `model` and return them extracted, with the model's dense weights back.
 
     prior: a prior already computed with `prior_method` (e.g. shared by several runs); else it is
     computed here. resume: None resumes whenever `out_dir` holds a started run (`can_resume`); the
     saved prior is then reused and no calibration runs. reconstruct: None, "repick" or "fixed"
     (`patchsparse.reconstruct`); the reconstructed weights are returned, the model keeps its own.
-    Under data parallelism every process calls this; only process 0's result is meaningful after
+    blockwise: learn block by block on the calibration windows (`learn.blockwise`) instead of
+    end to end on `train_windows`; such a run keeps no checkpoint (it takes minutes) and does not
+    resume. Under data parallelism every process calls this; only process 0's result is meaningful after
     extraction (the others return it too, for symmetry).
     """
-    if resume is None:
+    if blockwise is not None:
+        resume = False
+    elif resume is None:
         resume = can_resume(out_dir)
     seconds: dict[str, float] = {}
     if resume and out_dir is not None and (out_dir / PRIOR_FILE).is_file():
@@ -94,8 +102,16 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
         prior = learn_prior(model, calib_windows, prior_method, config)
         seconds["prior"] = time.perf_counter() - start
         log(f"{prior_method} prior computed in {seconds['prior']:.1f} s")
-    result = learn_masks(model, train_windows, config, prior, out_dir, resume=resume, parallel=parallel,
-                         shard_optimizer=shard_optimizer)
+    if blockwise is not None:
+        if parallel.active:
+            raise PatchsparseError("block-wise learning runs in one process; launch it without torchrun")
+        start = time.perf_counter()
+        masked = learn_blockwise(model, calib_windows, config, prior, blockwise)
+        result = LearnResult(masked=masked, config=config, steps_run=blockwise.steps * len({block_index(n) for n in masked.masks}),
+                             resumed_from=None, seconds=time.perf_counter() - start)
+    else:
+        result = learn_masks(model, train_windows, config, prior, out_dir, resume=resume, parallel=parallel,
+                             shard_optimizer=shard_optimizer)
     seconds["learn"] = result.seconds
     target = None if config.mask.mode == "maskllm" else config.mask.sparsity
     spec = extract_masks(model, policy, target, config.mask.mode, metadata=metadata)

@@ -70,3 +70,24 @@ def test_existing_output_needs_overwrite(tiny_model_dir, text_file, tmp_path, ca
     assert main(_args(tiny_model_dir, text_file, out)) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "something").exists()
+
+
+def test_eval_seqlen_too_long_is_refused_by_name_before_the_prior(tiny_model_dir, text_file, tmp_path,
+                                                                   capsys, monkeypatch):
+    import patchsparse.cli.learn as learn_cli
+
+    def no_prior(*args, **kwargs):
+        raise AssertionError("the prior must not be computed before the options are checked")
+
+    monkeypatch.setattr(learn_cli, "build_prior", no_prior)
+    assert main(_args(tiny_model_dir, text_file, tmp_path / "run", "--eval-seqlen", "100000")) == 2
+    err = capsys.readouterr().err
+    assert "--eval-seqlen 100000 exceeds" in err and "--seqlen 100000" not in err
+
+
+def test_eval_flag_is_not_ambiguous(tiny_model_dir, text_file, tmp_path, capsys):
+    assert main(_args(tiny_model_dir, text_file, tmp_path / "run", "--no-eval", "--steps", "1")) == 0
+    assert "perplexity" not in capsys.readouterr().out
+    from patchsparse.cli.main import build_parser
+
+    assert build_parser().parse_args(["learn", "--eval", "--out", "x"]).eval is True

@@ -74,3 +74,39 @@ def test_hub_dataset_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PatchsparseError, match="unreachable"):
         load_corpus("wikitext2")
+
+
+def test_whitespace_only_lines_separate_paragraphs_and_control_characters_go():
+    text = "First stanza,\nline two.\n   \t\nSecond stanza.\r\n \r\n\r\nThird\x0c one.\n\x1a"
+    assert split_paragraphs(text) == ["First stanza,\nline two.", "Second stanza.", "Third one."]
+
+
+def test_txt_with_spaced_blank_lines_splits_into_all_its_paragraphs(tmp_path):
+    path = tmp_path / "poem.txt"
+    path.write_text("\n  \n".join(f"stanza {i}\nof the poem" for i in range(30)) + "\n\x1a")
+    corpus = load_corpus(str(path))
+    assert len(corpus.train) == 27 and corpus.eval == ("stanza 9\nof the poem", "stanza 19\nof the poem",
+                                                         "stanza 29\nof the poem")
+    assert corpus.note == ""
+
+
+def test_short_txt_falls_back_to_a_stated_tail_split(tmp_path, capsys):
+    path = tmp_path / "short.txt"
+    lines = [f"line {i}" for i in range(20)]
+    path.write_text("\n".join(lines[:12]) + "\n\n" + "\n".join(lines[12:]) + "\n")
+    corpus = load_corpus(str(path))
+    # 20 lines, the last tenth (2 lines) held out; the first paragraph stays whole in training
+    assert corpus.eval == ("line 18\nline 19",)
+    assert corpus.train == ("\n".join(lines[:12]), "\n".join(lines[12:18]))
+    assert "last tenth of lines" in corpus.note and "last tenth of lines" in capsys.readouterr().err
+
+
+def test_file_that_cannot_give_two_splits_is_refused_with_advice(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("a single line of text\n \n\x1a")
+    with pytest.raises(PatchsparseError, match="cannot give both a training and an evaluation split"):
+        load_corpus(str(path))
+    rows = tmp_path / "few.jsonl"
+    rows.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(3)))
+    corpus = load_corpus(str(rows))
+    assert corpus.train == ("doc 0", "doc 1") and corpus.eval == ("doc 2",) and "records" in corpus.note

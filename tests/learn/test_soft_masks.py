@@ -43,6 +43,23 @@ def test_soft_pattern_weights_hand_values():
     torch.testing.assert_close(y[0, 0], y[0, 1])  # (2 + 0)/2 == (0 + 2)/2
 
 
+
+def test_the_temperature_sharpens_the_pattern_softmax():
+    # logits (1, 0, 0, 0, 0, 0), κ = 2, τ = 0.5: softmax of (4, 0, 0, 0, 0, 0), not of (2, 0, …)
+    e4 = math.exp(4.0)
+    y = soft_pattern_weights(torch.tensor([[1.0, 0, 0, 0, 0, 0]]), None, kappa=2.0, tau=0.5)
+    torch.testing.assert_close(y, torch.tensor([[e4, 1, 1, 1, 1, 1]]) / (e4 + 5))
+    # with noise g = (0, 2, 0, …): (κΠ + g)/τ = (4, 4, 0, 0, 0, 0)
+    y = soft_pattern_weights(torch.tensor([[1.0, 0, 0, 0, 0, 0]]), torch.tensor([[0.0, 2.0, 0, 0, 0, 0]]),
+                             kappa=2.0, tau=0.5)
+    torch.testing.assert_close(y, torch.tensor([[e4, e4, 1, 1, 1, 1]]) / (2 * e4 + 4))
+    # the mask: inputs 0 and 1 are in pattern 0 and two others each, inputs 2 and 3 in three others
+    m = soft_nm_mask(torch.tensor([[[1.0, 0, 0, 0, 0, 0]]]), None, kappa=2.0, tau=0.5)
+    torch.testing.assert_close(m, torch.tensor([[e4 + 2, e4 + 2, 3, 3]]) / (e4 + 5))
+    # and a high temperature flattens it towards keeping every input with probability 1/2
+    m = soft_nm_mask(torch.tensor([[[1.0, 0, 0, 0, 0, 0]]]), None, kappa=2.0, tau=200.0)
+    torch.testing.assert_close(m, torch.full((1, 4), 0.5), atol=2e-3, rtol=0)
+
 def test_hard_patterns_are_one_hot_with_soft_gradient():
     logits = torch.tensor([[0.3, 0.1, -0.2, 0.5, 0.0, 0.05]], requires_grad=True)
     y_hard = soft_pattern_weights(logits, None, kappa=10.0, tau=1.0, hard=True)

@@ -45,7 +45,7 @@ def test_regulariser_brings_soft_density_to_target(tiny_tokenizer):
 
 
 def test_logits_move_under_a_bf16_model(tiny_tokenizer):
-    # the published bf16 logits do not move at lr 1e-4 (method.md §9.7); fp32 logits do
+    # the published bf16 logits do not move at lr 1e-4 (docs/METHOD.md §6); fp32 logits do
     model = build_tiny_llama(len(tiny_tokenizer)).to(torch.bfloat16)
     config = replace(tiny_config("patch-tile", steps=2), optim=OptimConfig(lr=1e-4, warmup_steps=0))
     prior = tiny_prior(model)

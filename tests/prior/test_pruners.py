@@ -123,6 +123,100 @@ def test_sparsegpt_blocksize_must_hold_whole_groups():
         sparsegpt_prune(torch.ones(2, 8), torch.eye(8), PrunePattern.nm(2, 4), SparseGPTOptions(blocksize=6))
 
 
+# ---------------------------------------------------------------- SparseGPT across column blocks
+
+def sparsegpt_by_definition(W, H, pattern, damp, blocksize):
+    """SparseGPT as defined, in float64, with explicit inverses instead of the Cholesky trick:
+    column i is fixed (kept or zeroed) and its error (w - q)/[H_i⁻¹]₀₀ is moved onto every later
+    column along row 0 of H_i⁻¹, H_i = H[i:, i:] (the optimal-brain-surgeon update). Selection
+    scores are w_j² / U_jj², U_jj² = [H_j⁻¹]₀₀, on the weights as updated so far: per group of m
+    when the group starts (N:M), per block of columns pooled over rows (unstructured)."""
+    W = W.double().clone()
+    H = H.double().clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    in_f = W.shape[1]
+    d = torch.stack([torch.linalg.inv(H[j:, j:])[0, 0].sqrt() for j in range(in_f)])  # U_jj
+    keep = torch.zeros(W.shape, dtype=torch.bool)
+    for i in range(in_f):
+        start = i if pattern.is_nm and i % pattern.m == 0 else (i if not pattern.is_nm and i % blocksize == 0 else None)
+        if start is not None:
+            stop = min(i + (pattern.m if pattern.is_nm else blocksize), in_f)
+            scores = (W[:, start:stop] / d[start:stop]).pow(2).float()
+            keep[:, start:stop] = pattern.select(scores, per_row=False)
+        Hinv = torch.linalg.inv(H[i:, i:])
+        q = W[:, i] * keep[:, i]
+        W[:, i:] -= ((W[:, i] - q) / Hinv[0, 0])[:, None] * Hinv[0][None, :]
+        W[:, i] = q
+    return keep, W.float()
+
+
+def assert_same_selection(keep, expected):
+    assert torch.equal(keep, expected), f"{int((keep != expected).sum())} of {keep.numel()} selections differ"
+
+
+def correlated_layer(out_f, in_f, seed):
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.eye(in_f) + 0.4 * torch.randn(in_f, in_f, generator=g)
+    X = torch.randn(4 * in_f, in_f, generator=g) @ mixing
+    return torch.randn(out_f, in_f, generator=g), hessian_of(X)
+
+
+@pytest.mark.parametrize("blocksize", [4, 8, 128])
+def test_sparsegpt_nm_over_several_blocks_matches_the_definition(blocksize):
+    # 40 inputs: 10 blocks of 4, 5 of 8, or one of 128. N:M selection per group of the updated
+    # weights makes the result independent of the block size; the oracle has no blocks at all.
+    W, H = correlated_layer(12, 40, seed=3)
+    pattern = PrunePattern.nm(2, 4)
+    keep, updated = sparsegpt_prune(W, H, pattern, SparseGPTOptions(damp=0.01, blocksize=blocksize))
+    exp_keep, exp_updated = sparsegpt_by_definition(W, H, pattern, 0.01, blocksize)
+    assert_same_selection(keep, exp_keep)
+    torch.testing.assert_close(updated, exp_updated, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsegpt_nm_does_not_depend_on_the_block_size():
+    W, H = correlated_layer(16, 64, seed=4)
+    pattern = PrunePattern.nm(2, 4)
+    keep4, updated4 = sparsegpt_prune(W, H, pattern, SparseGPTOptions(blocksize=4))
+    keep128, updated128 = sparsegpt_prune(W, H, pattern, SparseGPTOptions(blocksize=128))
+    assert_same_selection(keep4, keep128)
+    torch.testing.assert_close(updated4, updated128, rtol=1e-4, atol=1e-5)
+    # and the compensation did something: the kept weights moved away from the originals
+    assert (updated128 - W * keep128).abs().max() > 0.1
+
+
+def test_sparsegpt_unstructured_over_several_blocks_matches_the_definition():
+    W, H = correlated_layer(8, 24, seed=5)
+    pattern = PrunePattern.unstructured(0.5)
+    keep, updated = sparsegpt_prune(W, H, pattern, SparseGPTOptions(damp=0.01, blocksize=8))
+    exp_keep, exp_updated = sparsegpt_by_definition(W, H, pattern, 0.01, 8)
+    assert_same_selection(keep, exp_keep)
+    torch.testing.assert_close(updated, exp_updated, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("blocksize", [4, 128])
+def test_sparsegpt_inputs_that_are_always_zero(blocksize):
+    # inputs 4..7 (a whole 2:4 group) and 9 are never non-zero: a zero row and column in H. With
+    # no damping the live inputs must be pruned exactly as the layer without input group 4..7 is
+    # (input 9 is then pruned in its group, no error to spread); the dead ones end at zero.
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(96, 16, generator=g) @ (torch.eye(16) + 0.4 * torch.randn(16, 16, generator=g))
+    X[:, 4:8] = 0.0
+    X[:, 9] = 0.0
+    W = torch.randn(8, 16, generator=g)
+    H = hessian_of(X)
+    assert torch.all(H.diagonal()[4:8] == 0) and H[9, 9] == 0
+    pattern = PrunePattern.nm(2, 4)
+    keep, updated = sparsegpt_prune(W, H, pattern, SparseGPTOptions(damp=0.0, blocksize=blocksize))
+    assert torch.isfinite(updated).all() and is_nm(keep, 2, 4)
+    assert torch.all(updated[:, 4:8] == 0) and torch.all(updated[:, 9] == 0)
+    assert not keep[:, 9].any()  # a weight on a dead input is worth nothing
+    live = [c for c in range(16) if not 4 <= c < 8]
+    sub_keep, sub_updated = sparsegpt_prune(W[:, live], H[live][:, live], pattern,
+                                            SparseGPTOptions(damp=0.0, blocksize=blocksize))
+    assert_same_selection(keep[:, live], sub_keep)
+    torch.testing.assert_close(updated[:, live], sub_updated, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- properties
 
 def prune_all(W, X, pattern, blocksize=8):

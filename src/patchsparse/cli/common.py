@@ -45,11 +45,11 @@ def positive_int(value: str) -> int:
     return number
 
 
-def check_seqlen(seqlen: int, max_positions: int | None) -> None:
+def check_seqlen(seqlen: int, max_positions: int | None, option: str = "--seqlen") -> None:
     if seqlen < 2:
-        raise PatchsparseError(f"--seqlen must be at least 2, got {seqlen}")
+        raise PatchsparseError(f"{option} must be at least 2, got {seqlen}")
     if max_positions is not None and seqlen > max_positions:
-        raise PatchsparseError(f"--seqlen {seqlen} exceeds the model's context of {max_positions} tokens")
+        raise PatchsparseError(f"{option} {seqlen} exceeds the model's context of {max_positions} tokens")
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from patchsparse.data import load_corpus, random_windows, sequential_windows, to
 from patchsparse.data.windows import shuffled_blocks
 from patchsparse.errors import PatchsparseError
 from patchsparse.extract import POLICIES, extraction_report
-from patchsparse.learn.config import MODES, LearnConfig, LinearSchedule, replace
+from patchsparse.learn.blockwise import BlockwiseConfig
+from patchsparse.learn.config import MODES, LearnConfig, LinearSchedule, with_overrides
 from patchsparse.learn.presets import PRESETS, preset_config
 from patchsparse.learn.priors import PRIOR_METHODS
 from patchsparse.learn.trainer import PRIOR_FILE
@@ -78,10 +79,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--include", nargs="+", default=None, help="regexes of layer names to mask (default: all decoder linears)")
     p.add_argument("--exclude", nargs="+", default=(), help="regexes of layer names never masked")
     p.add_argument("--policy", choices=POLICIES, default="exact", help="how hard tiles are extracted")
+    p.add_argument("--blockwise", type=int, default=0, metavar="STEPS",
+                   help="learn block by block on the calibration windows, STEPS optimizer steps per block, "
+                        "each block's masks reproducing the dense block's output (0: end to end, the default)")
+    p.add_argument("--blockwise-windows", type=positive_int, default=2, metavar="N",
+                   help="calibration windows per block-wise step (default: 2)")
     p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="none",
                    help="after extraction, update the kept weights on the calibration windows (saved beside the "
                         "masks): repick = dense tiles kept, 2:4 groups re-chosen by SparseGPT; fixed = exact "
                         "least squares under the learned mask (default: none)")
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the prior and learned masks on the eval split (default: on; --no-eval skips)")
     p.add_argument("--eval-windows", type=int, default=16,
                    help="perplexity windows of the eval split for prior vs learned masks (0: skip)")
     p.add_argument("--eval-seqlen", type=int, default=512)
@@ -99,19 +107,19 @@ def config_from_args(args: argparse.Namespace) -> LearnConfig:
     sparsity = args.sparsity if args.sparsity is not None else (0.5 if args.mode == "maskllm" else 0.35)
     config = preset_config(args.preset, args.mode, sparsity)
     selection = LayerSelection(tuple(args.include) if args.include else (r".*",), tuple(args.exclude))
-    mask = replace(config.mask, tile=tuple(args.tile) if args.tile else None, selection=selection,
-                   prior_strength_nm=args.prior_strength, prior_strength_tile=args.prior_strength,
-                   hard_nm=args.hard, hard_tile=args.hard)
+    mask = with_overrides(config.mask, tile=tuple(args.tile) if args.tile else None, selection=selection,
+                          prior_strength_nm=args.prior_strength, prior_strength_tile=args.prior_strength,
+                          hard_nm=args.hard, hard_tile=args.hard)
     schedules = {name: LinearSchedule(*getattr(args, name)) for name in ("tau_nm", "kappa_nm", "tau_tile", "kappa_tile")
                  if getattr(args, name) is not None}
-    sampling = replace(config.sampling, **schedules)
-    objective = replace(config.objective, sparse_reg=args.sparse_reg, weight_reg=args.weight_reg,
-                        density_scope=args.density_scope, distill=args.distill,
-                        distill_temperature=args.distill_temperature)
-    optim = replace(config.optim, lr=args.lr, nm_lr_scale=args.nm_lr_scale, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay)
-    train = replace(config.train, steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum,
-                    seqlen=args.seqlen, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                    activation_checkpointing=args.activation_checkpointing)
+    sampling = with_overrides(config.sampling, **schedules)
+    objective = with_overrides(config.objective, sparse_reg=args.sparse_reg, weight_reg=args.weight_reg,
+                               density_scope=args.density_scope, distill=args.distill,
+                               distill_temperature=args.distill_temperature)
+    optim = with_overrides(config.optim, lr=args.lr, nm_lr_scale=args.nm_lr_scale, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay)
+    train = with_overrides(config.train, steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum,
+                           seqlen=args.seqlen, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                           activation_checkpointing=args.activation_checkpointing)
     config = LearnConfig(mask, sampling, objective, optim, train)
     config.check()
     return config
@@ -147,6 +155,10 @@ def run_learn(args: argparse.Namespace) -> int:
     from patchsparse.learn.distributed import from_environment
 
     config = config_from_args(args)
+    if args.blockwise < 0:
+        raise PatchsparseError(f"--blockwise must be >= 0 steps per block, got {args.blockwise}")
+    if args.blockwise and args.resume:
+        raise PatchsparseError("a block-wise run keeps no checkpoint to resume; run it again without --resume")
     device = resolve_device(args.device)
     parallel = from_environment(device.type)
     try:
@@ -169,13 +181,17 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     model = loaded.model
     check_seqlen(config.train.seqlen, loaded.max_positions)
+    evaluate = args.eval and args.eval_windows > 0
+    if evaluate:  # checked before the prior, the expensive part, is computed
+        check_seqlen(args.eval_seqlen, loaded.max_positions, "--eval-seqlen")
     corpus = load_corpus(args.data)
     train_ids = tokenize_texts(loaded.tokenizer, corpus.train)
     windows = shuffled_blocks(train_ids, config.train.seqlen, config.train.seed)
     device = next(model.parameters()).device
 
+    blockwise = BlockwiseConfig(args.blockwise, args.blockwise_windows) if args.blockwise else None
     prior = calib = None
-    if not (args.resume and (args.out / PRIOR_FILE).is_file()) or args.reconstruct != "none":
+    if not (args.resume and (args.out / PRIOR_FILE).is_file()) or args.reconstruct != "none" or blockwise:
         calib = random_windows(train_ids, args.calib_windows, config.train.seqlen, config.train.seed).to(device)
     if not (args.resume and (args.out / PRIOR_FILE).is_file()):
         start = time.perf_counter()
@@ -184,8 +200,7 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
 
     figures: dict = {}
     eval_windows = None
-    if args.eval_windows > 0 and main:  # evaluation is process 0's alone
-        check_seqlen(args.eval_seqlen, loaded.max_positions)
+    if evaluate and main:  # evaluation is process 0's alone
         eval_windows = sequential_windows(tokenize_texts(loaded.tokenizer, corpus.eval), args.eval_seqlen,
                                           args.eval_windows)
         if prior is not None:
@@ -201,7 +216,7 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
     pipeline = learn_pipeline(model, windows, calib, config, args.prior, prior=prior, out_dir=args.out,
                               resume=args.resume, policy=args.policy, reconstruct=reconstruct,
                               metadata={"prior": args.prior, "preset": args.preset},
-                              parallel=parallel, shard_optimizer=shard)
+                              parallel=parallel, shard_optimizer=shard, blockwise=blockwise)
     result, spec = pipeline.learn, pipeline.spec
     if not main:
         parallel.barrier()  # wait until process 0 has written the masks

@@ -26,7 +26,8 @@ from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
 from patchsparse.io.atomic import atomic_write_text
 from patchsparse.io.maskfile import save_mask_spec
-from patchsparse.learn.config import replace
+from patchsparse.learn.config import with_overrides
+from patchsparse.learn.blockwise import BlockwiseConfig
 from patchsparse.learn.config import LearnConfig
 from patchsparse.learn.presets import preset_config
 from patchsparse.models import load_model, select_linears
@@ -56,6 +57,7 @@ class RunSettings:
     steps: int | None = None  # overrides the preset's number of optimizer steps
     distill: float | None = None  # overrides the preset's distillation share α
     reconstruct: str | None = None  # weight reconstruction after extraction (None: none)
+    blockwise: int = 0  # steps per block of block-wise learning (0: end to end)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -77,6 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="PATCH optimizer steps (default: the preset's)")
     p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
                    help="share of the dense-model distillation term in [0, 1] (default: the preset's)")
+    p.add_argument("--blockwise", type=int, default=0, metavar="STEPS",
+                   help="learn block by block on the calibration windows, STEPS steps per block (0: end to end)")
     p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="none",
                    help="weight reconstruction of the learned masks (default: none)")
     p.add_argument("--fresh", action="store_true", help="recompute every step instead of reusing finished ones")
@@ -90,7 +94,10 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     settings = RunSettings(model=args.model, data=args.data, sparsity=args.sparsity, mode=args.mode,
                            prior=args.prior, preset=args.preset, calib_windows=args.calib_windows,
                            eval_windows=args.eval_windows, seqlen=args.seqlen, seed=args.seed, steps=args.steps,
-                           distill=args.distill, reconstruct=None if args.reconstruct == "none" else args.reconstruct)
+                           distill=args.distill, reconstruct=None if args.reconstruct == "none" else args.reconstruct,
+                           blockwise=args.blockwise)
+    if settings.blockwise < 0:
+        raise PatchsparseError(f"--blockwise must be >= 0 steps per block, got {settings.blockwise}")
     run_config(settings)
     return settings
 
@@ -98,8 +105,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 def run_config(settings: RunSettings) -> LearnConfig:
     """The learning configuration of the PATCH step: the preset with the run's overrides."""
     config = preset_config(settings.preset, settings.mode, settings.sparsity)
-    config = replace(config, train=replace(config.train, steps=settings.steps),
-                     objective=replace(config.objective, distill=settings.distill))
+    config = with_overrides(config, train=with_overrides(config.train, steps=settings.steps),
+                            objective=with_overrides(config.objective, distill=settings.distill))
     config.check()
     return config
 
@@ -181,8 +188,10 @@ def run_main(args: argparse.Namespace) -> int:
     def patch() -> dict[str, Any]:
         config = run_config(settings)
         windows = shuffled_blocks(train_ids, config.train.seqlen, settings.seed)
-        result = learn_pipeline(model, windows, None if can_resume(out) else calibration(), config, settings.prior,
-                                out_dir=out, reconstruct=settings.reconstruct,
+        blockwise = BlockwiseConfig(settings.blockwise) if settings.blockwise else None
+        needs_calibration = blockwise is not None or settings.reconstruct is not None or not can_resume(out)
+        result = learn_pipeline(model, windows, calibration() if needs_calibration else None, config,
+                                settings.prior, out_dir=out, reconstruct=settings.reconstruct, blockwise=blockwise,
                                 metadata={"prior": settings.prior, "preset": settings.preset})
         spec = result.spec
         save_mask_spec(spec, out / "masks", identity=loaded.identity, base_model=model, overwrite=True,

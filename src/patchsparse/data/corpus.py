@@ -10,6 +10,11 @@ Spec forms accepted by `load_corpus`:
 The default corpus and local files are split at paragraph granularity: within each document,
 paragraph i goes to evaluation when i % 10 == 9, otherwise to training; a training paragraph that
 is identical to a held-out one (repeated headings) is dropped, so the parts never share a text. Hub datasets use their own train and test/validation splits.
+
+In a `.txt` file a line holding only whitespace separates paragraphs like an empty one, and
+control characters other than tab and newline (a DOS end-of-file byte, form feeds) are dropped.
+A file with fewer than ten paragraphs cannot hold out every tenth one: its last tenth of lines
+(at least one line) becomes the evaluation split instead, and the note says so.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from __future__ import annotations
 import gzip
 import importlib.metadata as md
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from patchsparse.errors import PatchsparseError
+from patchsparse.utils import log
 
 EVAL_EVERY = 10  # paragraph i of a document is held out for evaluation when i % EVAL_EVERY == EVAL_EVERY - 1
 DEFAULT_CORPUS = "default"
@@ -42,12 +49,38 @@ class Corpus:
     train: tuple[str, ...]  # texts (paragraphs or documents) for calibration and mask learning
     eval: tuple[str, ...]   # held-out texts for perplexity
     held_out: bool = True   # False when one text serves both roles
+    note: str = ""          # how the split was made when it is not the usual one
+
+
+# Control characters but tab and newline (CR is normalised first): a trailing DOS EOF byte (0x1a),
+# form feeds, NULs and DEL carry no text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# A paragraph break: a newline, then one or more lines holding only whitespace.
+_BLANK_LINES = re.compile(r"\n[^\S\n]*(?:\n[^\S\n]*)+\n|\n[^\S\n]*\n")
+
+
+def clean_text(text: str) -> str:
+    """Normalise line ends to \\n and drop control characters other than tab and newline."""
+    return _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
 def split_paragraphs(text: str) -> list[str]:
-    """Paragraphs of a text: blocks separated by blank lines, stripped, empties dropped."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return [p.strip() for p in text.split("\n\n") if p.strip()]
+    """Paragraphs of a text: blocks separated by blank or whitespace-only lines, stripped, empties dropped."""
+    return [p.strip() for p in _BLANK_LINES.split(clean_text(text)) if p.strip()]
+
+
+def tail_split(texts: list[str], by_lines: bool) -> tuple[list[str], list[str]]:
+    """Too few texts to hold out every tenth: the last tenth (at least one) of the lines of a .txt
+    file, or of the records of another file, is held out; the rest trains. Empty when impossible."""
+    if not by_lines:
+        held = max(1, len(texts) // EVAL_EVERY)
+        return (list(texts[:-held]), list(texts[-held:])) if len(texts) >= 2 else ([], [])
+    lines = "\n\n".join(texts).split("\n")
+    filled = [i for i, line in enumerate(lines) if line.strip()]
+    if len(filled) < 2:
+        return [], []
+    cut = filled[-max(1, len(filled) // EVAL_EVERY)]
+    return split_paragraphs("\n".join(lines[:cut])), split_paragraphs("\n".join(lines[cut:]))
 
 
 def split_train_eval(documents: list[list[str]]) -> tuple[list[str], list[str]]:
@@ -90,7 +123,7 @@ def load_default_corpus() -> Corpus:
 def _read_local_texts(path: Path) -> list[str]:
     suffixes = "".join(path.suffixes[-2:]).lower()
     if path.suffix.lower() == ".txt":
-        return split_paragraphs(path.read_text(encoding="utf-8"))
+        return split_paragraphs(path.read_text(encoding="utf-8-sig"))
     if path.suffix.lower() == ".jsonl" or suffixes in (".json.gz", ".jsonl.gz"):
         opener = gzip.open if path.suffix.lower() == ".gz" else open
         texts = []
@@ -116,7 +149,21 @@ def load_local_corpus(path: Path) -> Corpus:
         raise PatchsparseError(f"data file '{path}' holds no text")
     # Paragraphs of a .txt file, records of a JSON/parquet file: every EVAL_EVERY-th is held out.
     train, held = split_train_eval([texts])
-    return Corpus(str(path), tuple(train), tuple(held))
+    note = ""
+    unit = "paragraph" if path.suffix.lower() == ".txt" else "record"
+    if not held:
+        train, held = tail_split(texts, by_lines=unit == "paragraph")
+        note = (f"{path.name} has {len(texts)} {unit}(s), fewer than {EVAL_EVERY}: its last tenth of "
+                f"{'lines' if unit == 'paragraph' else 'records'} is held out for evaluation instead of every "
+                f"{EVAL_EVERY}th {unit}")
+    if not held:
+        raise PatchsparseError(
+            f"data file '{path}' has {len(texts)} {unit}(s) and cannot give both a training and an evaluation "
+            f"split; give a file of at least two lines (every {EVAL_EVERY}th {unit} is held out, or the last "
+            f"tenth when there are fewer than {EVAL_EVERY})")
+    if note:
+        log(f"note: {note}")
+    return Corpus(str(path), tuple(train), tuple(held), note=note)
 
 
 def load_hub_corpus(name: str, max_train_documents: int = 20000) -> Corpus:

@@ -1,6 +1,6 @@
 """Streaming training data: documents read lazily, tokenized one at a time, packed into blocks.
 
-Packing follows PATCH (method.md §3.5): tokenize each document with the model's tokenizer (only
+Packing follows PATCH (docs/METHOD.md §9): tokenize each document with the model's tokenizer (only
 the special tokens the tokenizer itself adds, e.g. BOS), concatenate, and cut consecutive blocks
 of `seqlen` tokens; the last incomplete block is dropped. An EOS separator after each document is
 optional (`eos_separator=True`). PATCH shuffles the packed blocks with a random sampler over the

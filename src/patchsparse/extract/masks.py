@@ -1,4 +1,4 @@
-"""Hard masks from learned logits, as a `HybridMaskSpec` (method.md §4, issue policies).
+"""Hard masks from learned logits, as a `HybridMaskSpec` (docs/METHOD.md §8).
 
 The 2:4 part of each layer is the arg-max pattern of its logits (maskllm / patch-joint) or its
 frozen prior (patch-tile). Which tiles are dense is decided by a policy:

@@ -17,6 +17,7 @@ from patchsparse.io.atomic import atomic_directory, usual_file_modes
 from patchsparse.io.maskfile import MASKS_JSON, MASKS_TENSORS, WEIGHTS_TENSORS, apply_mask_dir, read_mask_document
 from patchsparse.masks import HybridMaskSpec
 from patchsparse.models import LoadedModel
+from patchsparse.models.experts import fused_experts
 
 SIDECAR = "patchsparse_masks"
 EXPORT_JSON = "export.json"
@@ -44,7 +45,8 @@ def export_checkpoint(loaded: LoadedModel, mask_dir: str | Path, out: str | Path
     spec = apply_mask_dir(loaded.model, mask_dir)
     try:
         with atomic_directory(out, overwrite=overwrite) as tmp:
-            loaded.model.save_pretrained(tmp)
+            with fused_experts(loaded.model):  # transformers' own layout, so plain transformers reloads it
+                loaded.model.save_pretrained(tmp)
             if loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(tmp)
             sidecar = tmp / SIDECAR

@@ -34,9 +34,15 @@ class Cell:
     dense_seconds: float
     hybrid_seconds: dict[str, float] = field(default_factory=dict)  # label -> seconds
     spread: dict[str, float] = field(default_factory=dict)          # label -> median / best
+    paths: dict[str, str] = field(default_factory=dict)             # label -> HybridLinear.kernel_path_for(tokens)
 
     def ratios(self) -> dict[str, float]:
         return {label: self.dense_seconds / s for label, s in self.hybrid_seconds.items()}
+
+    def fastest(self) -> str:
+        """The fastest variant of this cell, "dense" when none beats it."""
+        label, seconds = min(self.hybrid_seconds.items(), key=lambda item: item[1], default=("dense", 0.0))
+        return label if self.hybrid_seconds and seconds < self.dense_seconds else "dense"
 
 
 def synchronize(device: torch.device) -> None:
@@ -106,8 +112,9 @@ def layer_benchmark(shapes: list[tuple[int, int]], tokens: list[int], sparsities
                 times = time_interleaved(fns, device, rounds, budget)
             best = [min(t) for t in times]
             cell = Cell((out_f, in_f), n, best[0])
-            for (label, _), seconds, series in zip(hybrids.items(), best[1:], times[1:]):
+            for (label, hybrid), seconds, series in zip(hybrids.items(), best[1:], times[1:]):
                 cell.hybrid_seconds[label] = seconds
+                cell.paths[label] = hybrid.kernel_path_for(n)
                 cell.spread[label] = statistics.median(series) / seconds
             cell.spread["dense"] = statistics.median(times[0]) / best[0]
             cells.append(cell)
@@ -125,12 +132,15 @@ def format_table(cells: list[Cell]) -> str:
         return "(no cells)"
     labels = list(cells[0].hybrid_seconds)
     width = max(10, *(len(lb) + 2 for lb in labels))
-    head = f"{'out x in':>13} {'tokens':>6} {'dense':>10}" + "".join(f"{lb:>{width}}" for lb in labels)
+    head = (f"{'out x in':>13} {'tokens':>6} {'dense':>10}" + "".join(f"{lb:>{width}}" for lb in labels)
+            + f"  {'fastest':<{width}} kernel paths")
     lines = [head, "-" * len(head)]
     for c in cells:
         ratios = c.ratios()
+        paths = ", ".join(dict.fromkeys(c.paths.get(lb, "?") for lb in labels))   # distinct, in order
         lines.append(f"{c.shape[0]:>6}x{c.shape[1]:<6} {c.tokens:>6} {format_seconds(c.dense_seconds):>10}"
-                     + "".join(f"{ratios[lb]:>{width - 1}.2f}x" for lb in labels))
+                     + "".join(f"{ratios[lb]:>{width - 1}.2f}x" for lb in labels)
+                     + f"  {c.fastest():<{width}} {paths}")
     return "\n".join(lines)
 
 

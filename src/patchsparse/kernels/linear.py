@@ -10,14 +10,19 @@ Formats ("backends"), chosen once at conversion:
 * `triton`: tile-walking Triton kernel (GPU, decode), see `triton_tiles.py`.
 
 `auto` picks `cpu` for CPU weights; on CUDA `stripe` (rows wholly dense or 2:4) or `split` when
-the GPU has 2:4 support (sm80+, fp16/bf16), else `triton` when installed, else `reference`.
+a 2:4 GEMM really runs there (cuSPARSELt, or CUTLASS on sm8x; fp16/bf16), else `triton` when
+installed, else `reference`. An explicit GPU backend whose kernel is missing on a CUDA weight is an
+error at conversion; wherever a layer ends up multiplying an expanded or emulated weight instead
+(CPU tests, a `cpu` layer moved to CUDA) it says so once on stderr, and `kernel_path` tells which
+path each layer takes. The packed tensors are buffers: `state_dict()` holds them and `.to()` moves
+them (the 2:4 GEMM operand is rebuilt on the new device).
 The GPU formats are written against documented APIs but **have not been run on a GPU**.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,10 +31,11 @@ import torch.nn.functional as F
 from patchsparse.errors import PatchsparseError
 from patchsparse.kernels import cpu as cpu_kernel
 from patchsparse.kernels.packing import RowBlockPacked, pack_rowblocks, unpack_rowblocks
-from patchsparse.kernels.split import (SplitPacked, StripePacked, is_row_homogeneous, pack_split, pack_stripe,
-                                       semi_structured_supported)
+from patchsparse.kernels.split import (SplitPacked, StripePacked, TwoFourOperand, is_row_homogeneous, pack_split,
+                                       pack_stripe, semi_structured_backend, semi_structured_supported)
 from patchsparse.kernels.triton_tiles import TilePacked, pack_tiles, triton_available
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
+from patchsparse.utils import log
 
 BACKENDS = ("auto", "cpu", "reference", "stripe", "split", "triton")
 
@@ -48,16 +54,47 @@ def choose_backend(weight: torch.Tensor, mask: LayerMask, dtype: torch.dtype) ->
     return "triton" if triton_available(weight.device) else "reference"
 
 
-def _map_tensors(packed: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    changes = {f.name: fn(getattr(packed, f.name)) for f in dataclasses.fields(packed)
-               if isinstance(getattr(packed, f.name), torch.Tensor)}
+def packed_tensors(packed: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of a packed format by name (a 2:4 operand by its portable values and positions)."""
+    tensors = {}
+    for f in dataclasses.fields(packed):
+        value = getattr(packed, f.name)
+        if isinstance(value, torch.Tensor):
+            tensors[f.name] = value
+        elif isinstance(value, TwoFourOperand):
+            tensors[f"{f.name}_values"], tensors[f"{f.name}_positions"] = value.values, value.positions
+    return tensors
+
+
+def rebuild_packed(packed: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """`packed` with its tensors replaced by `tensors` (2:4 operands re-prepared on their new device)."""
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(packed):
+        value = getattr(packed, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = tensors[f.name]
+        elif isinstance(value, TwoFourOperand):
+            changes[f.name] = TwoFourOperand(value.out_features, value.in_features, tensors[f"{f.name}_values"],
+                                             tensors[f"{f.name}_positions"])
     return dataclasses.replace(packed, **changes)
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log(f"WARNING: {message}")
 
 
 class HybridLinear(nn.Module):
     """y = x W^T + b with W stored packed: dense tiles dense, 2:4 tiles compressed.
 
     Inference only: the packed weight is frozen and the compiled kernels have no backward.
+    The packed tensors are buffers named `packed_<field>`, so `state_dict()` keeps them; to load a
+    saved state, convert the model under the same mask first, then `load_state_dict`.
+    `kernel_path` (and `kernel_path_for(tokens)`) says which code a forward really runs.
     """
 
     def __init__(self, packed: RowBlockPacked | TilePacked | SplitPacked | StripePacked, backend: str,
@@ -69,6 +106,20 @@ class HybridLinear(nn.Module):
         self.out_features = packed.out_features
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._direct = None  # cached fast path of the CPU kernel (None: not looked up yet, False: none)
+        self._buffer_names = {name: f"packed_{name}" for name in packed_tensors(packed)}
+        for name, tensor in packed_tensors(packed).items():
+            self.register_buffer(self._buffer_names[name], tensor)
+        # load_state_dict copies into the buffers in place; the derived 2:4 operand must follow
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_packed(force=True))
+        self._announce_fallback()
+
+    def _sync_packed(self, force: bool = False) -> None:
+        """Point `packed` at the current buffers (after `.to()` or loading a state dict)."""
+        current = {name: getattr(self, buffer) for name, buffer in self._buffer_names.items()}
+        old = packed_tensors(self.packed)
+        if force or any(current[name] is not old[name] for name in old):
+            self.packed = rebuild_packed(self.packed, current)
+            self._direct = None
 
     @classmethod
     @torch.no_grad()
@@ -81,6 +132,10 @@ class HybridLinear(nn.Module):
         dtype = dtype or weight.dtype
         if backend == "auto":
             backend = choose_backend(weight, mask, dtype)
+        reason = _missing_kernel(backend, weight.device, dtype)
+        if reason is not None and weight.device.type != "cpu":  # on the CPU the GPU formats are emulated (tests)
+            raise PatchsparseError(f"backend '{backend}' cannot run its kernel on {weight.device}: {reason} "
+                                   "(choose another backend, or 'auto')")
         if backend in ("cpu", "reference"):
             packed: Any = pack_rowblocks(weight, mask, dtype).to(weight.device)
         elif backend == "triton":
@@ -152,32 +207,74 @@ class HybridLinear(nn.Module):
         if isinstance(p, TilePacked):
             return p.dense_values.dtype
         if isinstance(p, SplitPacked):
-            return p.tile_values.dtype
+            return p.row_values.dtype
         return p.dense_weight_rows.dtype
 
     # -- module plumbing -----------------------------------------------------------------------
     def _packed_device(self) -> torch.device:
-        p = self.packed
-        if isinstance(p, RowBlockPacked):
-            return p.values.device
-        if isinstance(p, TilePacked):
-            return p.dense_values.device
-        return p.tile_values.device if isinstance(p, SplitPacked) else p.dense_weight_rows.device
+        return next(iter(packed_tensors(self.packed).values())).device
 
     def _apply(self, fn, recurse=True):
-        self._direct = None
-        if isinstance(self.packed, (RowBlockPacked, TilePacked)):
-            self.packed = _map_tensors(self.packed, fn)
-        else:  # semi-structured operands cannot be moved: only no-op device/dtype changes pass
-            probe = fn(torch.zeros(1, dtype=self.packed_dtype, device=self._packed_device()))
-            if probe.device != self._packed_device() or probe.dtype != self.packed_dtype:
-                raise PatchsparseError(f"a '{self.backend}' HybridLinear cannot change device or dtype; "
-                                       "convert the model on the target device instead")
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)   # moves the buffers
+        self._sync_packed()
+        self._announce_fallback()
+        return result
+
+    # -- which code runs -----------------------------------------------------------------------
+    @property
+    def kernel_path(self) -> str:
+        """The code a forward runs: 'cpu-kernel', 'reference', 'split/cusparselt', 'split/cutlass',
+        'stripe/…', 'split/emulated' (2:4 part multiplied densely), 'triton', or 'expand-fallback'
+        (the full weight rebuilt and multiplied densely on every forward)."""
+        return self.kernel_path_for(None)
+
+    def kernel_path_for(self, tokens: int | None) -> str:
+        """`kernel_path`, with the variant a forward of `tokens` tokens takes where that depends on it."""
+        device = self._packed_device()
+        if self.backend == "reference":
+            return "reference"
+        if _missing_kernel(self.backend, device, self.packed_dtype) is not None and self.backend in ("cpu", "triton"):
+            return "expand-fallback"
+        if self.backend == "cpu":
+            if not cpu_kernel.cpu_kernel_available():
+                return "expand-fallback"
+            if tokens is None:
+                return "cpu-kernel"
+            decode = tokens <= CPU_DIRECT_MAX_TOKENS.get(self.packed_dtype, 64)
+            return "cpu-kernel/decode" if decode else "cpu-kernel/prefill"
+        if self.backend == "triton":
+            if tokens is None:
+                return "triton"
+            return f"triton/split-k={self.packed.launch_config(tokens, device, self.packed_dtype)['split_k']}"
+        part = self.packed.sparse_part
+        return f"{self.backend}/{part.path if part is not None else 'dense-only'}"
+
+    def _announce_fallback(self) -> None:
+        """Say once, loudly, when this layer's backend does not run its own kernel where it now lives."""
+        reason = _missing_kernel(self.backend, self._packed_device(), self.packed_dtype)
+        if reason is not None:
+            what = ("multiply the 2:4 part densely (emulated)" if self.backend in ("split", "stripe")
+                    else "rebuild the full weight on every forward")
+            warn_once(f"'{self.backend}' layers on {self._packed_device().type} {what}: {reason}")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, backend={self.backend}, dtype={self.packed_dtype}")
+
+
+def _missing_kernel(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `backend` cannot run its own kernel on `device` (None when it can)."""
+    if backend == "cpu" and device.type != "cpu":
+        return "the row-block kernel runs on the CPU only"
+    if backend in ("split", "stripe") and not semi_structured_supported(device, dtype):
+        return semi_structured_backend(device, dtype)[1]
+    if backend == "triton" and not triton_available(device):
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "Triton is not installed"
+        return f"{device.type} is not a CUDA device (and TRITON_INTERPRET is not set)"
+    return None
 
 
 def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:

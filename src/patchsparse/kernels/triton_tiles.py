@@ -40,6 +40,13 @@ def triton_available(device: torch.device | None = None) -> bool:
     return torch.cuda.is_available() and (device is None or device.type == "cuda")
 
 
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a typical count elsewhere (the interpreter)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 @dataclass
 class TilePacked:
     out_features: int
@@ -60,7 +67,24 @@ class TilePacked:
         return TilePacked(self.out_features, self.in_features, self.block_n, self.block_k,
                           *(t.to(device) for t in fields))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def launch_config(self, tokens: int, device: torch.device, dtype: torch.dtype,
+                      split_k: int | None = None) -> dict:
+        """Block size, split-K factor and dot precision of a forward of `tokens` tokens.
+
+        Few tokens give few programs (one per 64 output rows): split-K cuts each row of weight
+        blocks into `split_k` slices, so the grid fills the GPU, and the slices add into an fp32
+        output. fp32 uses IEEE products, not TF32, so it matches a full-precision dense baseline.
+        """
+        block_m = 16 if tokens <= 16 else (32 if tokens <= 32 else 64)   # tl.dot needs >= 16
+        n_blocks, n_k = self.block_cols.shape
+        programs = n_blocks * -(-tokens // block_m)
+        if split_k is None:
+            target = 2 * _multiprocessors(device)
+            split_k = 1 if programs >= target else -(-target // programs)
+        split_k = max(1, min(split_k, n_k))
+        return {"block_m": block_m, "split_k": split_k, "ieee": dtype == torch.float32}
+
+    def forward(self, x: torch.Tensor, split_k: int | None = None) -> torch.Tensor:
         """x (M, in) -> (M, out) with the Triton kernel (caller checks `triton_available`)."""
         import triton
 
@@ -68,16 +92,20 @@ class TilePacked:
 
         x = x.contiguous()
         tokens = x.shape[0]
-        y = torch.empty(tokens, self.out_features, dtype=x.dtype, device=x.device)
-        block_m = 16 if tokens <= 16 else (32 if tokens <= 32 else 64)   # tl.dot needs >= 16
-        grid = (self.block_cols.shape[0], triton.cdiv(tokens, block_m))
+        config = self.launch_config(tokens, x.device, x.dtype, split_k)
+        # split-K slices add into fp32 (atomics); one slice stores the result directly
+        out_dtype = torch.float32 if config["split_k"] > 1 else x.dtype
+        y = (torch.zeros if config["split_k"] > 1 else torch.empty)(tokens, self.out_features, dtype=out_dtype,
+                                                                   device=x.device)
+        grid = (self.block_cols.shape[0], triton.cdiv(tokens, config["block_m"]), config["split_k"])
         hybrid_tile_kernel[grid](
             x, y, self.sparse_values, self.sparse_meta, self.dense_values,
             self.block_cols, self.n_sparse, self.sparse_start, self.dense_start,
             tokens, self.in_features, self.out_features, x.stride(0), y.stride(0), self.block_cols.shape[1],
-            BLOCK_M=block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+            BLOCK_M=config["block_m"], BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+            SPLIT_K=config["split_k"], IEEE=config["ieee"],
         )
-        return y
+        return y.to(x.dtype)
 
     def dense_weight(self) -> torch.Tensor:
         """The masked dense weight (out, in): the reference path."""

@@ -79,7 +79,7 @@ def learn_blockwise(model: nn.Module, calib_windows: torch.Tensor, config: Learn
         config, train=dataclasses.replace(config.train, steps=blockwise.steps, grad_accum=1),
         objective=dataclasses.replace(config.objective, weight_reg=0.0))
     masked = attach_masks(model, local, prior)
-    sampler, mc, oc = masked.sampler, local.mask, local.optim
+    sampler, mc = masked.sampler, local.mask
     _, layers = decoder_layers(model, mc.selection.decoder_path)
     blocks: dict[int, list[str]] = {}
     for name in masked.masks:

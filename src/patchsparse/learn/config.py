@@ -2,7 +2,7 @@
 
 `LearnConfig` bundles them; `LearnConfig.to_dict()` / `from_dict()` round-trip through JSON so a
 checkpoint can prove it belongs to the same run. Defaults follow the published PATCH-Joint 45%
-recipe (method.md §3.4); `presets.py` holds the named variants.
+recipe (docs/METHOD.md §7); `presets.py` holds the named variants.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """L = L_LM + λ_s·R_s − λ_w·(1 − t/T)·R_w (method.md §3.1)."""
+    """L = L_LM + λ_s·R_s − λ_w·(1 − t/T)·R_w (docs/METHOD.md §4)."""
 
     sparse_reg: float = 7.0        # λ_s; unused in maskllm mode (density is always 0.5)
     weight_reg: float = 10.0       # λ_w, decays linearly to 0
@@ -187,6 +187,8 @@ class LearnConfig:
                    OptimConfig(**optim), TrainConfig(**data["train"]))
 
 
-def replace(config: Any, **changes: Any) -> Any:
-    """`dataclasses.replace` that ignores `None` values (unset CLI options)."""
+def with_overrides(config: Any, **changes: Any) -> Any:
+    """`config` with the given changes, skipping `None` values (unset CLI options); unlike
+    `dataclasses.replace`, which would set them."""
     return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+

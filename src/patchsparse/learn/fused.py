@@ -4,50 +4,27 @@ The PyTorch formulation (soft_masks.py) makes about ten passes over tensors six 
 the 2:4 logits per layer and per forward; the fused C++ kernel (csrc/soft_mask_cpu.cpp) makes one,
 keeps nothing weight-sized for backward (it recomputes the 6-way softmax there), and returns the
 layer's ‖W ⊙ M̃‖² for the weight-magnitude term on the way. It is compiled on first use with the
-machine's C++ compiler (torch.utils.cpp_extension, about a minute) into the patchsparse cache;
-without a compiler, or with PATCHSPARSE_NO_EXTENSIONS=1, the PyTorch path is used.
+machine's C++ compiler by `patchsparse.native` (about a minute) into the patchsparse cache;
+without a compiler, or with PATCHSPARSE_NO_KERNELS=1, the PyTorch path is used.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from patchsparse.masks.tiles import TileGrid
+from patchsparse.native import NativeKernel
 
-_extension = None
-_tried = False
+KERNEL = NativeKernel("soft_mask_cpu", Path(__file__).resolve().parent / "csrc" / "soft_mask_cpu.cpp",
+                      ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
+                      label="fused soft-mask CPU")
 
 
 def load_extension():
     """The compiled kernels, or None when they cannot be built here."""
-    global _extension, _tried
-    if _tried:
-        return _extension
-    _tried = True
-    if os.environ.get("PATCHSPARSE_NO_EXTENSIONS", "") not in ("", "0"):
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        from patchsparse.models.builtin import cache_root
-        from patchsparse.utils import log
-
-        source = Path(__file__).parent / "csrc" / "soft_mask_cpu.cpp"
-        build = cache_root() / "extensions" / f"soft_mask_cpu-torch{torch.__version__.replace('+', '_')}"
-        build.mkdir(parents=True, exist_ok=True)
-        log("loading the fused soft-mask CPU kernel (compiled once per machine) …")
-        _extension = load(name="patchsparse_soft_mask_cpu", sources=[str(source)], build_directory=str(build),
-                          extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"], extra_ldflags=["-fopenmp"],
-                          verbose=False)
-    except Exception as exc:  # no compiler, no ninja, a failed build: fall back to PyTorch
-        from patchsparse.utils import log
-
-        log(f"fused soft-mask kernel unavailable ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); using PyTorch")
-        _extension = None
-    return _extension
+    return KERNEL.load()
 
 
 def reduce_tile_rows(row_values: torch.Tensor, grid: TileGrid) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Initial mask logits: random, or pulled toward a one-shot prior (method.md §2.4)."""
+"""Initial mask logits: random, or pulled toward a one-shot prior (docs/METHOD.md §3)."""
 
 from __future__ import annotations
 

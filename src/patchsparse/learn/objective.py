@@ -1,4 +1,4 @@
-"""The regularisers of the mask objective (method.md §3.1).
+"""The regularisers of the mask objective (docs/METHOD.md §4).
 
 L = L_LM + λ_s·R_s − λ_w·(1 − t/T)·R_w
 

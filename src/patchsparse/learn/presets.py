@@ -1,6 +1,6 @@
 """Named configurations.
 
-* `paper`: the published hyper-parameters (method.md §3.4, paper Table 16): 2000 steps × global
+* `paper`: the published hyper-parameters (docs/METHOD.md §7, PATCH's Table 16): 2000 steps × global
   batch 256 × 4096 tokens, 128×128 tiles, priors of strength 3, per-mode LR / τ / κ / λ.
 * `cpu`: a scaled-down run for the default model (SmolLM2-135M) on a 2-core CPU in minutes:
   a few dozen steps of one 256-token window. Schedules are functions of the step fraction, so

@@ -1,4 +1,4 @@
-"""Soft (differentiable) masks: pure functions, tensor in, tensor out (method.md §2).
+"""Soft (differentiable) masks: pure functions, tensor in, tensor out (docs/METHOD.md §2).
 
 Shapes: a weight is (out, in); its 2:4 logits are (out, in/4, 6), one 6-way vector per group of
 four consecutive inputs; its tile logits are (R, C) over a `TileGrid` whose edge tiles may be

@@ -5,7 +5,7 @@ objective has terms that are not the model's loss (one of them injected per laye
 pure functions of the step, and a resumed run must reproduce an uninterrupted one bit for bit.
 The HF Trainer would need a subclassed `compute_loss`, callbacks for τ/κ, and its own
 checkpoint format and data sampler state (the published code's loss scaling even changes with the
-transformers version, method.md §9.8); the loop below is about a hundred lines and owns all of it.
+transformers version, docs/METHOD.md §10); the loop below is about a hundred lines and owns all of it.
 
 Every optimizer step t (0 … T−1):
   1. the sampler takes τ_t, κ_t, the R_w coefficient and the noise stream of step t (one noise

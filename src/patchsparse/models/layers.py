@@ -1,7 +1,10 @@
 """Which linear layers get masks: chosen by name patterns, never by shape or module order.
 
 Only `nn.Linear` modules inside the decoder blocks are candidates, so `lm_head` and the
-embeddings can never be selected (PATCH §2.5).
+embeddings can never be selected (docs/METHOD.md §1). Neither can the routers of mixture-of-experts
+blocks (`mlp.gate`, `router`, Qwen-MoE's `shared_expert_gate`): a handful of weights that decide
+where every token goes stay dense. Experts are candidates once unfused into linears
+(`models.experts`); a model whose experts are still fused 3-D parameters is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class LayerSelection:
 
 MLP_ONLY = LayerSelection(include=(r"\.mlp\.",))
 
+# Routers of mixture-of-experts blocks: never masked.
+ROUTER = re.compile(r"\.(gate|router|shared_expert_gate)$")
+
 
 def decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
     """The model's list of decoder blocks and its dotted path."""
@@ -53,12 +59,21 @@ def decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.M
 
 def select_linears(model: nn.Module, selection: LayerSelection = LayerSelection()) -> dict[str, nn.Linear]:
     """Map full module name -> nn.Linear for every selected linear inside the decoder blocks."""
+    from patchsparse.models.experts import fused_expert_modules
+
     prefix, layers = decoder_layers(model, selection.decoder_path)
+    fused = fused_expert_modules(layers)
+    if fused:
+        raise PatchsparseError(
+            f"{type(model).__name__} keeps its experts as fused 3-D parameters ({prefix}.{fused[0]}), which no "
+            f"linear selection sees; refused rather than masking the attention alone. "
+            f"patchsparse.models.experts.unfuse_experts(model) turns the usual layout (Mixtral, Qwen-MoE, OLMoE, "
+            f"DeepSeek; load_model does it) into linears; other layouts (GPT-OSS, DBRX) are not supported")
     chosen: dict[str, nn.Linear] = {}
     for index, block in enumerate(layers):
         for sub_name, module in block.named_modules():
             name = f"{prefix}.{index}.{sub_name}"
-            if isinstance(module, nn.Linear) and selection.matches(name):
+            if isinstance(module, nn.Linear) and selection.matches(name) and not ROUTER.search(name):
                 chosen[name] = module
     if not chosen:
         raise PatchsparseError("the model has no decoder linear layers matching the layer selection")

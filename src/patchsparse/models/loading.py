@@ -112,6 +112,13 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
         model.to(dev)
     model.eval()
     model.requires_grad_(False)
+    # Mixture-of-experts: fused 3-D expert weights become one linear per expert projection, so
+    # they can be selected, calibrated and masked; export fuses them back. Not under a device map,
+    # whose placement hooks sit on the fused modules: there masking an MoE model is refused.
+    if "device_map" not in from_pretrained_kwargs:
+        from patchsparse.models.experts import unfuse_experts
+
+        unfuse_experts(model)
     revision = getattr(model.config, "_commit_hash", None)
     if revision:
         identity["revision"] = revision

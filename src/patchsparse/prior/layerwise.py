@@ -1,15 +1,17 @@
 """Layer-by-layer calibration (as SparseGPT and Wanda do), so memory scales with one layer.
 
 1. Run the model on the calibration windows until the first decoder layer, keep what it
-   receives (hidden states, plus the keyword arguments: attention mask, position embeddings
-   (cos, sin), position ids) and stop the forward with a private exception.
+   receives (hidden states) and stop the forward with a private exception. Each decoder layer's
+   own keyword arguments (attention mask, position embeddings (cos, sin), position ids) are
+   recorded as the model's forward passes them: the first batch of each batch size runs through
+   every layer once. Models that interleave sliding-window and full attention (Gemma-2/3,
+   Cohere2, GPT-OSS) hand each layer the mask and positions of its own type; layers of one type
+   share the same tensors, so recording them per layer costs nothing.
 2. For each decoder layer in turn: accumulate a statistic per selected linear with forward
    pre-hooks, let the caller prune the layer, recompute the layer's outputs with the pruned
    weights and write them over its inputs: they are the next layer's inputs.
 
 Only one (N, T, hidden) activation buffer is alive at a time, plus one layer's statistics.
-Every layer receives the keyword arguments the first one did; that holds for stacks whose
-layers share one attention type (Llama, Qwen2, Mistral), which is checked.
 """
 
 from __future__ import annotations
@@ -39,57 +41,57 @@ class LayerInputs:
 
     hidden: torch.Tensor                      # (N, T, hidden)
     batch_size: int
-    extra_args: dict[int, tuple] = field(default_factory=dict)           # batch size -> positional args after hidden
-    kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)      # batch size -> keyword args
+    # layer index -> batch size -> positional args after hidden / keyword args, as the model passed them
+    extra_args: dict[int, dict[int, tuple]] = field(default_factory=dict)
+    kwargs: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
 
     def batches(self) -> Iterator[slice]:
         for start in range(0, self.hidden.shape[0], self.batch_size):
             yield slice(start, min(start + self.batch_size, self.hidden.shape[0]))
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, write_outputs: bool) -> None:
-        """Call `layer` on every batch; with `write_outputs`, its outputs replace its inputs."""
+    def run(self, layer: nn.Module, index: int, write_outputs: bool) -> None:
+        """Call decoder layer `index` on every batch; with `write_outputs`, its outputs replace its inputs."""
         for rows in self.batches():
             x = self.hidden[rows]
             size = x.shape[0]
-            out = layer(x, *self.extra_args[size], **self.kwargs[size])
+            out = layer(x, *self.extra_args[index][size], **self.kwargs[index][size])
             if isinstance(out, (tuple, list)):  # older layers return (hidden_states, ...)
                 out = out[0]
             if write_outputs:
                 self.hidden[rows] = out
 
 
-def check_uniform_layers(model: nn.Module) -> None:
-    types = getattr(getattr(model, "config", None), "layer_types", None)
-    if types and len(set(types)) > 1:
-        raise PatchsparseError(
-            f"layer-by-layer calibration needs decoder layers of one attention type; this model mixes {sorted(set(types))}")
-
-
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, first_layer: nn.Module,
+def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, layers: nn.ModuleList,
                          batch_size: int = 1) -> LayerInputs:
-    """What the first decoder layer receives for each calibration window. windows (N, T) -> LayerInputs"""
-    check_uniform_layers(model)
+    """What each decoder layer receives besides its hidden states, and the first layer's hidden
+    states, for each calibration window. windows (N, T) -> LayerInputs"""
     device = next(model.parameters()).device
-    n = windows.shape[0]
-    state: dict[str, Any] = {"filled": 0}
+    n, last = windows.shape[0], len(layers) - 1
+    state: dict[str, Any] = {"filled": 0, "extra": {}, "kwargs": {}, "sizes": set()}
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        if "buffer" not in state:
-            state["buffer"] = torch.empty((n, *hidden.shape[1:]), dtype=hidden.dtype, device=hidden.device)
-        size = hidden.shape[0]
-        # Without padding these depend on the batch shape only, so one copy per batch size suffices.
-        state.setdefault("extra", {}).setdefault(size, tuple(args[1:]))
-        state.setdefault("kwargs", {}).setdefault(size, rest)
-        start = state["filled"]
-        state["buffer"][start: start + size] = hidden
-        state["filled"] = start + size
-        raise _StopForward
+    def make_hook(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            size = hidden.shape[0]
+            # Without padding these depend on the batch shape only, so one copy per batch size suffices.
+            state["extra"].setdefault(index, {}).setdefault(size, tuple(args[1:]))
+            state["kwargs"].setdefault(index, {}).setdefault(size, {k: v for k, v in kwargs.items()
+                                                                    if k != "hidden_states"})
+            if index == 0:
+                if "buffer" not in state:
+                    state["buffer"] = torch.empty((n, *hidden.shape[1:]), dtype=hidden.dtype, device=hidden.device)
+                start = state["filled"]
+                state["buffer"][start: start + size] = hidden
+                state["filled"] = start + size
+            # a batch size seen before: its layers' arguments are known, the first layer's input suffices
+            if index == last or size in state["sizes"]:
+                state["sizes"].add(size)
+                raise _StopForward
+        return hook
 
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         for start in range(0, n, batch_size):
             batch = windows[start: start + batch_size].to(device)
@@ -98,9 +100,10 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, first_layer: n
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    if state["filled"] != n:
-        raise PatchsparseError("could not capture the first decoder layer's inputs (the model skipped its layers?)")
+        for handle in handles:
+            handle.remove()
+    if state["filled"] != n or len(state["kwargs"]) != len(layers):
+        raise PatchsparseError("could not capture the decoder layers' inputs (the model skipped its layers?)")
     return LayerInputs(state["buffer"], batch_size, state["extra"], state["kwargs"])
 
 
@@ -137,7 +140,7 @@ def calibrate_layer_by_layer(model: nn.Module, windows: torch.Tensor | None,
     if make_statistic is not None:
         if windows is None or windows.shape[0] == 0:
             raise PatchsparseError("calibration needs at least one window")
-        inputs = capture_layer_inputs(model, windows, layers[0], batch_size)
+        inputs = capture_layer_inputs(model, windows, layers, batch_size)
     for index in progress(range(last_block + 1), desc=desc, unit="layer"):
         layer, block = layers[index], grouped.get(index, {})
         stats: dict[str, Any] = {}
@@ -146,7 +149,7 @@ def calibrate_layer_by_layer(model: nn.Module, windows: torch.Tensor | None,
             handles = [linear.register_forward_pre_hook(_accumulate_into(stats[name]))
                        for name, linear in block.items()]
             try:
-                inputs.run(layer, write_outputs=False)
+                inputs.run(layer, index, write_outputs=False)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -155,7 +158,7 @@ def calibrate_layer_by_layer(model: nn.Module, windows: torch.Tensor | None,
             prune_layer(index, block, stats)
             del stats
             if inputs is not None and index < last_block:
-                inputs.run(layer, write_outputs=True)
+                inputs.run(layer, index, write_outputs=True)
         finally:
             for name, weight in originals.items():
                 block[name].weight.copy_(weight)

@@ -29,8 +29,12 @@ from patchsparse.prior.pruners import SparseGPTOptions, magnitude_mask, sparsegp
 from patchsparse.prior.stats import HessianStat, InputNormStat
 from patchsparse.prior.tile_prior import check_hybrid_sparsity, initial_dense_tiles
 from patchsparse.prior.types import LayerPrior, PriorMasks
+from patchsparse.utils import log
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+# A linear whose statistic saw fewer calibration tokens than this (in practice a mixture-of-experts
+# expert the router rarely picks) has no usable statistic: it is pruned by magnitude instead.
+MIN_CALIBRATION_TOKENS = 16
 
 
 def check_method(method: str) -> None:
@@ -59,6 +63,21 @@ def method_mask(method: str, weight: torch.Tensor, stat: Any, pattern: PrunePatt
     if method == "sparsegpt":
         return sparsegpt_prune(weight, stat.hessian, pattern, options, force_keep=force_keep)
     raise PatchsparseError(f"unknown pruning method '{method}'")
+
+
+def method_for(method: str, stat: Any, name: str, fallbacks: list[str]) -> str:
+    """`method`, or magnitude for a linear whose statistic saw too few tokens (noted in `fallbacks`)."""
+    if stat is not None and stat.tokens < MIN_CALIBRATION_TOKENS:
+        fallbacks.append(name)
+        return "magnitude"
+    return method
+
+
+def report_fallbacks(method: str, fallbacks: list[str]) -> None:
+    if fallbacks:
+        log(f"note: {len(fallbacks)} linear(s) saw fewer than {MIN_CALIBRATION_TOKENS} calibration tokens "
+            f"(experts the router rarely picks) and were pruned by magnitude instead of {method}: "
+            + ", ".join(fallbacks[:4]) + (", …" if len(fallbacks) > 4 else ""))
 
 
 def tile_scores_from_mask(keep: torch.Tensor, grid: TileGrid) -> torch.Tensor:
@@ -136,15 +155,17 @@ def compute_prior(model: nn.Module, calib_windows: torch.Tensor | None, method: 
         pattern.check_sparsity(sparsity)
     check_request(model, selection, method, pattern, tile, sparsity, calib_windows, options)
     priors: PriorMasks = {}
+    fallbacks: list[str] = []
 
     def prune_layer(index: int, block: dict[str, nn.Linear], stats: dict[str, Any]) -> None:
         for name, linear in block.items():
             weight = linear.weight
-            keep, _ = method_mask(method, weight, stats.get(name), pattern, options)
+            used = method_for(method, stats.get(name), name, fallbacks)
+            keep, _ = method_mask(used, weight, stats.get(name), pattern, options)
             start = keep
             scores = None
             if tile is not None:
-                prior = tile_prior(method, weight, stats.get(name), tile, sparsity, options)
+                prior = tile_prior(used, weight, stats.get(name), tile, sparsity, options)
                 scores = prior.scores
                 start = keep | TileGrid(*weight.shape, *tile).expand(prior.dense.to(keep.device))
             priors[name] = LayerPrior(nm_keep=keep.cpu(), tile_scores=scores, tile=tile)
@@ -152,6 +173,7 @@ def compute_prior(model: nn.Module, calib_windows: torch.Tensor | None, method: 
 
     calibrate_layer_by_layer(model, calib_windows, statistic_factory(method), prune_layer, selection=selection,
                              restore_weights=True, batch_size=batch_size, desc=f"{method} prior")
+    report_fallbacks(method, fallbacks)
     return priors
 
 
@@ -187,18 +209,20 @@ def prune_model(model: nn.Module, calib_windows: torch.Tensor | None, method: st
     if dense_tiles is not None:
         check_dense_tiles(linears, dense_tiles, tile)
     layers: dict[str, LayerMask] = {}
+    fallbacks: list[str] = []
 
     def prune_layer(index: int, block: dict[str, nn.Linear], stats: dict[str, Any]) -> None:
         for name, linear in block.items():
             weight = linear.weight
+            used = method_for(method, stats.get(name), name, fallbacks)
             dense = force = None
             if dense_tiles is not None:
                 dense = dense_tiles[name].cpu().bool()
             elif tile is not None:
-                dense = tile_prior(method, weight, stats.get(name), tile, sparsity, options).dense
+                dense = tile_prior(used, weight, stats.get(name), tile, sparsity, options).dense
             if dense is not None:
                 force = TileGrid(*weight.shape, *tile).expand(dense).to(weight.device)
-            keep, updated = method_mask(method, weight, stats.get(name), pattern, options, force_keep=force)
+            keep, updated = method_mask(used, weight, stats.get(name), pattern, options, force_keep=force)
             layers[name] = LayerMask(keep.cpu(), pattern.label, tile, dense)
             final = keep if force is None else keep | force
             new = updated if (updated is not None and update_weights) else weight.float()
@@ -206,6 +230,7 @@ def prune_model(model: nn.Module, calib_windows: torch.Tensor | None, method: st
 
     calibrate_layer_by_layer(model, calib_windows, statistic_factory(method), prune_layer, selection=selection,
                              restore_weights=False, batch_size=batch_size, desc=f"{method} {pattern.label}")
+    report_fallbacks(method, fallbacks)
     spec = HybridMaskSpec(layers, metadata={
         "mode": "oneshot",
         "method": method,
@@ -214,6 +239,7 @@ def prune_model(model: nn.Module, calib_windows: torch.Tensor | None, method: st
         "allocation": "given" if dense_tiles is not None else ("tile scores" if tile is not None else None),
         "tile": list(tile) if tile is not None else None,
         "weights_updated": bool(method == "sparsegpt" and update_weights),
+        **({"magnitude_fallback": fallbacks, "min_calibration_tokens": MIN_CALIBRATION_TOKENS} if fallbacks else {}),
         "calibration_windows": 0 if calib_windows is None else int(calib_windows.shape[0]),
         "calibration_seqlen": None if calib_windows is None else int(calib_windows.shape[1]),
         **({"damp": options.damp, "blocksize": options.blocksize} if method == "sparsegpt" else {}),

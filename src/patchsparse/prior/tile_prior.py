@@ -1,4 +1,4 @@
-"""PATCH's tile prior: each layer starts with its highest-scoring tiles dense (method.md §2.4).
+"""PATCH's tile prior: each layer starts with its highest-scoring tiles dense (docs/METHOD.md §3.3).
 
 A layer whose dense tiles hold a fraction f of its weights has density 0.5 + 0.5·f, so a target
 sparsity s needs f = 1 − 2s. Tiles are counted by their number of weights, which keeps ragged
