@@ -47,7 +47,9 @@ def test_a_finished_run_resumes_to_the_same_masks_without_a_prior(tiny_tokenizer
                            "magnitude", out_dir=tmp_path)
     assert (tmp_path / CHECKPOINT_FILE).is_file()
     again = learn_pipeline(build_tiny_llama(vocab), tiny_windows(vocab), None, config, "magnitude", out_dir=tmp_path)
-    assert again.prior is None and again.learn.steps_run == 0
+    assert "prior" not in again.seconds and again.learn.steps_run == 0  # the saved prior, no calibration
+    for name, layer in first.prior.items():
+        assert torch.equal(layer.nm_keep, again.prior[name].nm_keep)
     for name, layer in first.spec.layers.items():
         assert torch.equal(layer.keep_mask(), again.spec.layers[name].keep_mask())
 

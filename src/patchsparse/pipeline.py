@@ -22,7 +22,7 @@ from patchsparse.learn.config import LearnConfig
 from patchsparse.learn.distributed import SINGLE, DataParallel
 from patchsparse.learn.masked import remove_masks
 from patchsparse.learn.priors import build_prior
-from patchsparse.learn.trainer import CHECKPOINT_FILE, PRIOR_FILE, LearnResult, learn_masks
+from patchsparse.learn.trainer import CHECKPOINT_FILE, PRIOR_FILE, LearnResult, learn_masks, load_prior, save_prior
 from patchsparse.masks.spec import HybridMaskSpec
 from patchsparse.models.layers import block_index
 from patchsparse.prior.types import PriorMasks
@@ -86,17 +86,15 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
     saved prior is then reused and no calibration runs. reconstruct: None, "repick" or "fixed"
     (`patchsparse.reconstruct`); the reconstructed weights are returned, the model keeps its own.
     blockwise: learn block by block on the calibration windows (`learn.blockwise`) instead of
-    end to end on `train_windows`; such a run keeps no checkpoint (it takes minutes) and does not
-    resume. Under data parallelism every process calls this; only process 0's result is meaningful after
+    end to end on `train_windows`; such a run keeps no checkpoint (it takes minutes): resuming it
+    reuses only the saved prior. Under data parallelism every process calls this; only process 0's result is meaningful after
     extraction (the others return it too, for symmetry).
     """
-    if blockwise is not None:
-        resume = False
-    elif resume is None:
+    if resume is None:
         resume = can_resume(out_dir)
     seconds: dict[str, float] = {}
     if resume and out_dir is not None and (out_dir / PRIOR_FILE).is_file():
-        prior = None  # learn_masks reads the saved one
+        prior = load_prior(out_dir / PRIOR_FILE)  # the run's own prior, whatever was passed
     elif prior is None:
         start = time.perf_counter()
         prior = learn_prior(model, calib_windows, prior_method, config)
@@ -105,10 +103,14 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
     if blockwise is not None:
         if parallel.active:
             raise PatchsparseError("block-wise learning runs in one process; launch it without torchrun")
+        if out_dir is not None and prior is not None and not (out_dir / PRIOR_FILE).is_file():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_prior(prior, out_dir / PRIOR_FILE)
         start = time.perf_counter()
         masked = learn_blockwise(model, calib_windows, config, prior, blockwise)
-        result = LearnResult(masked=masked, config=config, steps_run=blockwise.steps * len({block_index(n) for n in masked.masks}),
-                             resumed_from=None, seconds=time.perf_counter() - start)
+        blocks = len({block_index(name) for name in masked.masks})
+        result = LearnResult(masked=masked, config=config, steps_run=blockwise.steps * blocks, resumed_from=None,
+                             seconds=time.perf_counter() - start)
     else:
         result = learn_masks(model, train_windows, config, prior, out_dir, resume=resume, parallel=parallel,
                              shard_optimizer=shard_optimizer)

@@ -111,13 +111,25 @@ def run_config(settings: RunSettings) -> LearnConfig:
     return config
 
 
-def finished_step(path: Path, settings: RunSettings) -> dict[str, Any] | None:
-    """The step's record when it was finished with the same settings, else None."""
+# The settings each step's result depends on: the dense and SparseGPT rows are reused when only
+# the PATCH settings change (the PATCH step depends on every setting).
+STEP_SETTINGS = {
+    "dense": ("model", "data", "eval_windows", "seqlen"),
+    "sparsegpt-2of4": ("model", "data", "eval_windows", "seqlen", "calib_windows", "seed"),
+}
+
+
+def finished_step(path: Path, name: str, settings: RunSettings) -> dict[str, Any] | None:
+    """The step's record when it was finished with the same settings (those it depends on), else None."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if record.get("settings") == settings.as_dict() else None
+    saved, current = record.get("settings"), settings.as_dict()
+    if not isinstance(saved, dict):
+        return None
+    keys = STEP_SETTINGS.get(name, tuple(current))
+    return record if all(saved.get(k) == current[k] for k in keys) else None
 
 
 @torch.no_grad()
@@ -153,7 +165,7 @@ def run_main(args: argparse.Namespace) -> int:
 
     def step(name: str, label: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         path = out / RESULTS / f"{name}.json"
-        record = None if args.fresh else finished_step(path, settings)
+        record = None if args.fresh else finished_step(path, name, settings)
         if record is not None:
             log(f"[{label}] reusing {path}")
             return record["figures"]
