@@ -22,6 +22,7 @@ from patchsparse.errors import PatchsparseError
 from patchsparse.io.export import EXPORT_JSON, SIDECAR
 from patchsparse.io.maskfile import MASKS_JSON, MASKS_TENSORS, apply_mask_dir, load_mask_spec, read_mask_document
 from patchsparse.kernels.linear import HybridLinear, convert_model
+from patchsparse.kernels.triton_tiles import triton_available
 from patchsparse.masks.spec import HybridMaskSpec
 from patchsparse.models import LoadedModel, load_model
 
@@ -120,6 +121,8 @@ def kernel_path(layer: HybridLinear) -> str:
         if isinstance(value, str) and value:
             return value
     part = getattr(layer.packed, "sparse_part", None)
+    if layer.backend == "triton" and not triton_available(layer.packed.dense_values.device):
+        return "triton (no Triton here: masked dense product)"
     if part is not None:
         return f"{layer.backend} ({'semi-structured 2:4' if part.accelerated else '2:4 multiplied densely'})"
     return layer.backend

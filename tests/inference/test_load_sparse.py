@@ -145,5 +145,7 @@ def test_kernel_path_reads_the_layer_record_else_the_backend(tiny_model):
     assert kernel_path(HybridLinear.from_dense(linear, mask, backend="reference")) == "reference"
     split = HybridLinear.from_dense(linear, mask, backend="split")        # on CPU: no semi-structured GEMM
     assert kernel_path(split) == "split (2:4 multiplied densely)"
+    triton = HybridLinear.from_dense(linear, mask, backend="triton")      # on CPU Triton never runs
+    assert kernel_path(triton) == "triton (no Triton here: masked dense product)"
     split.path = "split: cuSPARSELt"
     assert kernel_path(split) == "split: cuSPARSELt"
