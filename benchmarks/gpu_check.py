@@ -287,24 +287,31 @@ def part_e2e(ctx: dict, out: Path) -> None:
 
     for model in (dense,):
         decode(model, prompts[batches[0]])                     # warm-up
-    for sparsity in (0.45, 0.35, 0.25):
+    from patchsparse.kernels.triton_tiles import triton_available
+
+    # auto (split/stripe on a GPU with 2:4 support) at every sparsity; the Triton kernel, built for
+    # decode, at 45% too when Triton is there
+    variants = [(0.45, "auto")] + ([(0.45, "triton")] if triton_available(device) else []) + \
+        [(0.35, "auto"), (0.25, "auto")]
+    for sparsity, backend in variants:
         t0 = time.perf_counter()
         spec = HybridMaskSpec(layers={name: layer_mask(m.weight, sparsity, tile, i, keep=keep[name])
                                       for i, (name, m) in enumerate(linears.items())})
         hybrid = copy.deepcopy(dense)
         check_ids = prefill_ids[:, :16]
-        entry: dict = {"sparsity": spec.sparsity()}
-        if sparsity == 0.45:  # hybrid logits against the masked dense model's
+        entry: dict = {"sparsity": spec.sparsity(), "backend": backend}
+        check = (sparsity, backend) == variants[0]
+        if check:  # hybrid logits against the masked dense model's
             masked = copy.deepcopy(dense)
             spec.apply_(masked)
             with torch.no_grad():
                 reference = masked(check_ids).logits.float()
             del masked
-        convert_model(hybrid, spec)
+        convert_model(hybrid, spec, backend=backend)
         synchronize(device)
         entry.update(convert_seconds=time.perf_counter() - t0, kernel_paths=kernel_paths(hybrid))
         with torch.no_grad():
-            if sparsity == 0.45:
+            if check:
                 got = hybrid(check_ids).logits.float()
                 entry["logits_error"] = ((got - reference).abs().max() / reference.abs().max()).item()
                 entry["greedy_next_token_agreement"] = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
@@ -324,7 +331,7 @@ def part_e2e(ctx: dict, out: Path) -> None:
             best = {k: max(r["decode_tokens_per_s"] for r in v) for k, v in runs.items()}
             entry["decode"][str(b)] = {"tokens_per_s": best, "speedup": best["hybrid"] / best["dense"], "runs": runs}
         entry["kernel_paths_after_decode"] = kernel_paths(hybrid)
-        data["variants"][label(sparsity)] = entry
+        data["variants"][label(sparsity) + ("" if backend == "auto" else f" {backend}")] = entry
         write_json(out, data)
         del hybrid
         if device.type == "cuda":
@@ -334,17 +341,23 @@ def part_e2e(ctx: dict, out: Path) -> None:
 
 
 def part_learn(ctx: dict, out: Path) -> None:
-    """`benchmarks/mask_step.py`'s measurement, run here: dense fine-tuning step, PATCH-Joint, dense again."""
+    """`benchmarks/mask_step.py`'s measurement, run here: dense fine-tuning step, PATCH-Joint, dense again.
+
+    Without the default model's package (a bare GPU machine) or in a dry run, a model of the same
+    shape with random weights and random tokens stands in: step time and memory depend on shapes only.
+    """
     import importlib.util
 
     dry, device = ctx["dry_run"], ctx["device"]
     spec = importlib.util.spec_from_file_location("mask_step", ROOT / "benchmarks" / "mask_step.py")
     mask_step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mask_step)
-    model = str(_tiny_model_dir(out.parent / "tiny-model")) if dry else "smollm2-135m"
-    settings = argparse.Namespace(model=model, dtype="float32", device=device.type, seqlen=32 if dry else 256,
-                                  steps=1 if dry else 20, threads=1 if dry else 8, checkpointing=True)
-    data: dict = {"settings": vars(settings), "runs": [], "complete": False,
+    settings = argparse.Namespace(model="smollm2-135m", dtype="float32", device=device.type,
+                                  seqlen=32 if dry else 256, steps=1 if dry else 20, threads=1 if dry else 8,
+                                  checkpointing=True)
+    model = _stand_in_model(settings, TINY_LLAMA if dry else SMOLLM2_135M) if dry or not _default_model_ready() \
+        else "smollm2-135m"
+    data: dict = {"model": model, "settings": vars(settings), "runs": [], "complete": False,
                   "memory": "peak CUDA allocation above the loaded model" if device.type == "cuda" else
                             "peak RSS above the loaded model (one process for all runs: indicative only)"}
     for kind in (["dense", "patch-joint"] if dry else ["dense", "patch-joint", "dense"]):
@@ -361,19 +374,45 @@ def part_learn(ctx: dict, out: Path) -> None:
     write_json(out, data)
 
 
-def _tiny_model_dir(path: Path) -> Path:
-    """A tiny random Llama with the default model's tokenizer (the corpus is tokenized with it)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
 
+
+def _default_model_ready() -> bool:
+    from patchsparse.errors import PatchsparseError
     from patchsparse.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, cached_builtin_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(cached_builtin_dir(BUILTIN_MODELS[DEFAULT_MODEL]))
-    torch.manual_seed(0)
-    config = LlamaConfig(**{**TINY_LLAMA, "hidden_size": 256, "vocab_size": len(tokenizer)})
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    try:
+        cached_builtin_dir(BUILTIN_MODELS[DEFAULT_MODEL])
+        import dataset_build  # noqa: F401  (the default corpus)
+        return True
+    except (PatchsparseError, ImportError):
+        return False
+
+
+def _stand_in_model(settings: argparse.Namespace, shape: dict) -> str:
+    """Make `mask_step.measure` load a random model of `shape` and train on random tokens."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import patchsparse.data
+    import patchsparse.models
+    from patchsparse.models import LoadedModel
+
+    def load_model(*args, **kwargs):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**shape)).to(settings.device).eval().requires_grad_(False)
+        return LoadedModel(model=model, tokenizer=None, identity={"name": "random"})
+
+    def tokenize_texts(tokenizer, texts):
+        return torch.randint(0, shape["vocab_size"], (settings.seqlen * (settings.steps + 8),),
+                             generator=torch.Generator().manual_seed(0))
+
+    patchsparse.models.load_model = load_model
+    patchsparse.data.load_corpus = lambda name: argparse.Namespace(train=None)
+    patchsparse.data.tokenize_texts = tokenize_texts
+    return f"random weights and tokens, shape {shape['hidden_size']}x{shape['intermediate_size']}, " \
+           f"{shape['num_hidden_layers']} layers"
 
 
 # --------------------------------------------------------------------------- driver
@@ -483,7 +522,8 @@ def _sum_learn(data: dict) -> list[str]:
     if "patch_joint" not in data:
         return [f"- failed (exit {data.get('returncode')})"]
     pj, ref = data["patch_joint"], data["reference"]
-    return [f"- PATCH-Joint step {pj['step_seconds']:.3f} s = {pj['time_ratio']:.2f}x a dense fine-tuning step "
+    return [f"- model: {data['model']}",
+            f"- PATCH-Joint step {pj['step_seconds']:.3f} s = {pj['time_ratio']:.2f}x a dense fine-tuning step "
             f"({ref['step_seconds']:.3f} s); memory {pj['memory_bytes'] / 2**20:.0f} MiB = "
             f"{pj['memory_ratio']:.2f}x ({ref['memory_bytes'] / 2**20:.0f} MiB)"]
 
