@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "patchsparse.cli.learn",
     "patchsparse.cli.apply",
     "patchsparse.cli.export",
+    "patchsparse.cli.generate",
     "patchsparse.cli.report",
     "patchsparse.cli.bench",
 )
