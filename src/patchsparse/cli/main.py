@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "patchsparse.cli.reconstruct",
     "patchsparse.cli.apply",
     "patchsparse.cli.export",
+    "patchsparse.cli.generate",
     "patchsparse.cli.report",
     "patchsparse.cli.bench",
 )
