@@ -22,7 +22,7 @@ one layer are peers and do not import one another:
     records                  the JSON record of a command
     prior, kernels, evaluate one-shot pruners and priors; hybrid kernels; perplexity and zero-shot
     learn, extract, reconstruct  mask learning; hard masks from learned logits; weight reconstruction
-    pipeline                 prior -> learn -> extract -> reconstruct, and scoring, in one place
+    pipeline, inference      prior -> learn -> extract -> reconstruct, and scoring; sparse models for generation
     report                   figures and tables from run directories
     cli                      argument parsing, one module per command
     __main__                 `python -m patchsparse`
@@ -51,7 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("records",),
     ("prior", "kernels", "evaluate"),
     ("learn", "extract", "reconstruct"),
-    ("pipeline",),
+    ("pipeline", "inference"),
     ("report",),
     ("cli",),
     ("__main__",),
