@@ -51,9 +51,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"patchsparse: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment, not a bug: unwritable or full disk, missing permission
+        if args.debug:
+            raise
+        print(f"patchsparse: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("patchsparse: interrupted", file=sys.stderr)
         return 130
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line: what failed and on which path ("No space left on device: runs/x/checkpoint.pt")."""
+    reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{reason}: {' -> '.join(paths)}" if paths else reason
 
 
 if __name__ == "__main__":
