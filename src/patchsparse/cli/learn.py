@@ -163,6 +163,7 @@ def run_learn(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     device = resolve_device(args.device)
     check_output_file(args.json)
+    check_output_dir(args.out)
     parallel = from_environment(device.type)
     try:
         with contextlib.ExitStack() as stack:

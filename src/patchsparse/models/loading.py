@@ -98,16 +98,19 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
                 f"Hugging Face hub is unreachable (offline)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, local_files_only=local, **from_pretrained_kwargs)
-    except (OSError, ValueError) as exc:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, local_files_only=local, output_loading_info=True, **from_pretrained_kwargs)
+    except Exception as exc:  # noqa: BLE001 - a broken folder fails in many ways (safetensors, sizes, config)
         if local:
-            raise PatchsparseError(f"cannot load model from '{source}': {_first_line(exc)}") from exc
+            raise PatchsparseError(f"cannot load model from '{source}': {_first_line(exc)}") from None
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         known = ", ".join(sorted(BUILTIN_MODELS))
         raise PatchsparseError(
             f"cannot load '{spec}': not a built-in model ({known}), not a local directory, and the "
             f"Hugging Face hub did not provide it (offline or unknown id): {_first_line(exc)}"
         ) from exc
+    _check_loading_info(info, model, source)
     if "device_map" not in from_pretrained_kwargs:
         model.to(dev)
     model.eval()
@@ -124,6 +127,18 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
             placed[str(where)] = placed.get(str(where), 0) + 1
         identity["placement"] = placed
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
+
+
+def _check_loading_info(info: dict[str, Any], model: torch.nn.Module, source: str) -> None:
+    """Refuse weights that do not fill the model its config describes (they would be random)."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = [k for k in info.get("missing_keys", ()) if k not in tied]
+    problems = [f"{len(missing)} weight(s) missing from the checkpoint (e.g. {sorted(missing)[0]})"] if missing else []
+    if info.get("mismatched_keys"):
+        problems.append(f"{len(info['mismatched_keys'])} weight(s) of another shape")
+    if problems:
+        raise PatchsparseError(f"cannot load model from '{source}': its config does not match its weights: "
+                               f"{'; '.join(problems)}")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
