@@ -339,6 +339,17 @@ CASES = [
     Case("tile", "tile as large as the smallest layer", lambda ws: prune_args(ws) + ["--tile", "64", "64",
                                                                                      "--sparsity", "0.35"],
          "too coarse"),
+    # `learn --overwrite` of a finished run with a bad input: the old run stays as it was
+    Case("overwrite", "model typo", lambda ws: learn_args(ws, ws.run_copy(), "--overwrite")[:2] + [
+        str(ws.root / "no-such-model")] + learn_args(ws, ws.root / "run", "--overwrite")[3:], "model"),
+    Case("overwrite", "data not UTF-8", lambda ws: [
+        a if a != str(ws.text) else str(ws.file("x.txt", b"\xff\xfe" * 99)) for a in
+        learn_args(ws, ws.run_copy(), "--overwrite")], "UTF-8"),
+    Case("overwrite", "--json below a file", lambda ws: learn_args(
+        ws, ws.run_copy(), "--overwrite", "--json", str(ws.file("f", b"x") / "r.json")), "is a file"),
+    Case("overwrite", "seqlen beyond the context", lambda ws: learn_args(
+        ws, ws.run_copy(), "--overwrite")[:6] + ["4096"] + learn_args(ws, ws.root / "run")[7:] + ["--overwrite"],
+        "context"),
     # a hub id behind an unreachable proxy
     Case("hub", "dead proxy", _hub_behind_dead_proxy, "unreachable"),
 ]
@@ -413,5 +424,5 @@ def test_the_table_covers_every_category():
     counts: dict[str, int] = {}
     for case in CASES:
         counts[case.category] = counts.get(case.category, 0) + 1
-    assert set(counts) == {"model", "data", "output", "masks", "resume", "report", "tile", "hub"}
+    assert set(counts) == {"model", "data", "output", "masks", "resume", "report", "tile", "overwrite", "hub"}
     assert all(n >= 1 for n in counts.values())

@@ -255,6 +255,16 @@ def test_killed_writer_leaves_no_visible_directory(tmp_path):
     assert not (tmp_path / "m").exists()
     leftovers = [p.name for p in tmp_path.iterdir()]
     assert all(name.startswith(".m.") and name.endswith(".partial") for name in leftovers) and leftovers
+    # the next write of the same directory removes the dead writer's leftovers, not a live writer's
+    from patchsparse.io.atomic import _owner_tag
+
+    alive = tmp_path / f".m.{_owner_tag().rsplit('-', 1)[0]}-1.abcd1234.partial"  # pid 1 always runs
+    other_host = tmp_path / ".m.otherhost-123.abcd1234.partial"
+    alive.mkdir()
+    other_host.mkdir()
+    spec = HybridMaskSpec({"model.layers.0.mlp.up_proj": LayerMask(torch.ones(8, 8, dtype=torch.bool), "unstructured")})
+    save_mask_spec(spec, tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", alive.name, other_host.name])
 
 
 @pytest.mark.parametrize("target", [-0.1, 0.6, "35%"])
