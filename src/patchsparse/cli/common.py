@@ -65,7 +65,7 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_output_dir(path: Path, option: str = "--out") -> None:
+def check_writable_dir(path: Path, option: str = "--out") -> None:
     """Refuse before any work an output directory that cannot be created or written."""
     if path.exists() and not path.is_dir():
         raise PatchsparseError(f"{option} {path} exists and is not a directory")
@@ -76,7 +76,7 @@ def check_output_dir(path: Path, option: str = "--out") -> None:
         raise PatchsparseError(f"{option} {path} cannot be written: {anchor} is not writable")
 
 
-def check_output_file(path: Path | None, option: str = "--json") -> None:
+def check_writable_file(path: Path | None, option: str = "--json") -> None:
     """Refuse before any work an output file that is a directory, lies below a file, or cannot be written."""
     if path is None:
         return

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args, check_output_dir, check_output_file,
-                                    check_seqlen, positive_int, settings_of)
+from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args, check_writable_dir, check_seqlen,
+                                    positive_int, settings_of)
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.windows import shuffled_blocks
 from patchsparse.errors import PatchsparseError
@@ -118,7 +118,7 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     Nothing is deleted here: the old run is set aside only once everything else has been checked,
     and put back if the new run fails (`set_aside`).
     """
-    check_output_dir(out)
+    check_writable_dir(out)
     if resume or not (out.exists() and any(out.iterdir())):
         return False
     if not overwrite:
@@ -162,8 +162,7 @@ def run_learn(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     device = resolve_device(args.device)
-    check_output_file(args.json)
-    check_output_dir(args.out)
+    check_writable_dir(args.out)
     parallel = from_environment(device.type)
     try:
         with contextlib.ExitStack() as stack:

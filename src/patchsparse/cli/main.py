@@ -8,6 +8,7 @@ import os
 import sys
 
 from patchsparse import __version__
+from patchsparse.cli.common import check_writable_file
 from patchsparse.errors import PatchsparseError
 
 # Each module defines `register(subparsers)`, which adds its parser with `handler=` set.
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     # Built-in models and corpora are local; never let transformers wander to the hub for them.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        # every command's --json record: refuse an unwritable path before the work, not after it
+        check_writable_file(getattr(args, "json", None))
         return int(args.handler(args) or 0)
     except PatchsparseError as exc:
         if args.debug:

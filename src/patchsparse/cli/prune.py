@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args, check_output_dir, check_output_file,
-                                    check_seqlen, settings_of)
+from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args, check_writable_dir, check_seqlen,
+                                    settings_of)
 from patchsparse.cli.evaluate import perplexity_line
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.errors import PatchsparseError
@@ -104,10 +104,9 @@ def save_outputs(spec: HybridMaskSpec, model: torch.nn.Module, out: Path, overwr
 
 def run_prune(args: argparse.Namespace) -> int:
     pattern = pattern_of(args)
-    check_output_file(args.json)
     with contextlib.ExitStack() as stack:
         if args.out is not None:
-            check_output_dir(args.out)
+            check_writable_dir(args.out)
             # a second prune on the same --out fails here, not after all its work
             stack.enter_context(directory_lock(args.out))
         return _run_prune(args, pattern)
