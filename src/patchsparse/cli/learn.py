@@ -115,10 +115,9 @@ def config_from_args(args: argparse.Namespace) -> LearnConfig:
 def check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     """Refuse an unusable --out before any work; True when an existing run is to be replaced.
 
-    Nothing is deleted here: the old run is set aside only once everything else has been checked,
+    `check_writable_dir` has run before. Nothing is deleted here: the old run is set aside only once everything else has been checked,
     and put back if the new run fails (`set_aside`).
     """
-    check_writable_dir(out)
     if resume or not (out.exists() and any(out.iterdir())):
         return False
     if not overwrite:

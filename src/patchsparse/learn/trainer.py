@@ -99,7 +99,8 @@ def load_run_file(path: Path) -> Any:
         reason = str(exc).strip().splitlines()
         detail = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
         raise PatchsparseError(f"{path}: refused to load: it holds objects other than tensors and plain data "
-                               f"({detail.strip()[:120]})") from None
+                               f"({detail.strip()[:120]}); a checkpoint of patchsparse before format "
+                               f"{FORMAT_VERSION} does too: restart such a run with --overwrite") from None
     except Exception as exc:  # noqa: BLE001 - truncated or not a torch file at all
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PatchsparseError(f"{path} is corrupt or truncated ({first[:120]}); "
