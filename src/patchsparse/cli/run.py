@@ -18,14 +18,14 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from patchsparse.cli.common import add_json_arg, check_seqlen, positive_int
+from patchsparse.cli.common import add_json_arg, check_seqlen, check_writable_dir, positive_int
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.corpus import DEFAULT_CORPUS
 from patchsparse.data.windows import shuffled_blocks
-from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
 from patchsparse.extract import extract_masks
 from patchsparse.io.atomic import atomic_write_text
+from patchsparse.io.lock import directory_lock
 from patchsparse.io.maskfile import save_mask_spec
 from patchsparse.learn.config import replace
 from patchsparse.learn.masked import remove_masks
@@ -120,9 +120,13 @@ def masked_perplexity(model: nn.Module, spec: HybridMaskSpec, windows: torch.Ten
 
 def run_main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    check_writable_dir(args.out)
+    with directory_lock(args.out):  # a second `run` on the same --out stops here, before any work
+        return _run_main(args, settings)
+
+
+def _run_main(args: argparse.Namespace, settings: RunSettings) -> int:
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise PatchsparseError(f"--out {out} exists and is not a directory")
     (out / RESULTS).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
 
