@@ -1,4 +1,5 @@
 import copy
+import hashlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from patchsparse.errors import PatchsparseError
-from patchsparse.io.maskfile import (MASKS_JSON, MASKS_TENSORS, load_mask_spec, pack_bits, save_mask_spec,
+from patchsparse.io.maskfile import (MASKS_JSON, MASKS_TENSORS, WEIGHTS_TENSORS, apply_mask_dir, load_mask_spec, pack_bits, save_mask_spec,
                                      unpack_bits, weights_fingerprint)
 from patchsparse.masks import HybridMaskSpec, LayerMask, nm_mask_from_scores
 from patchsparse.models import select_linears
@@ -94,7 +95,7 @@ def test_masks_without_tiles_round_trip(tiny_model, tmp_path):
     layers = {name: LayerMask(sparse_keep=nm_mask_from_scores(lin.weight.abs()), pattern="2:4")
               for name, lin in select_linears(tiny_model).items()}
     spec = HybridMaskSpec(layers=layers, metadata={"method": "magnitude"})
-    loaded = load_mask_spec(save_mask_spec(spec, tmp_path / "m"), tiny_model)
+    loaded = load_mask_spec(save_mask_spec(spec, tmp_path / "m", base_model=tiny_model), tiny_model)
     assert_same_spec(spec, loaded)
     assert json.loads((tmp_path / "m" / MASKS_JSON).read_text())["tile"] is None
 
@@ -254,6 +255,16 @@ def test_killed_writer_leaves_no_visible_directory(tmp_path):
     assert not (tmp_path / "m").exists()
     leftovers = [p.name for p in tmp_path.iterdir()]
     assert all(name.startswith(".m.") and name.endswith(".partial") for name in leftovers) and leftovers
+    # the next write of the same directory removes the dead writer's leftovers, not a live writer's
+    from patchsparse.io.atomic import _owner_tag
+
+    alive = tmp_path / f".m.{_owner_tag().rsplit('-', 1)[0]}-1.abcd1234.partial"  # pid 1 always runs
+    other_host = tmp_path / ".m.otherhost-123.abcd1234.partial"
+    alive.mkdir()
+    other_host.mkdir()
+    spec = HybridMaskSpec({"model.layers.0.mlp.up_proj": LayerMask(torch.ones(8, 8, dtype=torch.bool), "unstructured")})
+    save_mask_spec(spec, tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", alive.name, other_host.name])
 
 
 @pytest.mark.parametrize("target", [-0.1, 0.6, "35%"])
@@ -292,3 +303,98 @@ def test_without_sample_another_dtype_is_refused_with_a_hint(tiny_model, tmp_pat
     with pytest.raises(PatchsparseError, match="in the dtype they were made in"):
         load_mask_spec(tmp_path / "m", copy.deepcopy(tiny_model).to(torch.bfloat16))
     assert_same_spec(spec, load_mask_spec(tmp_path / "m", tiny_model))
+
+
+def test_identical_masks_give_identical_bytes(tiny_model, tmp_path):
+    """The safetensors writer orders its header metadata at random; the saved file must not vary."""
+    spec = hybrid_spec(tiny_model)
+    payloads = {save_mask_spec(spec, tmp_path / f"m{i}", base_model=tiny_model).joinpath(MASKS_TENSORS).read_bytes()
+                for i in range(12)}
+    assert len(payloads) == 1
+    jsons = {(tmp_path / f"m{i}" / MASKS_JSON).read_bytes() for i in range(12)}
+    assert len(jsons) == 1
+    raw = payloads.pop()
+    size = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + size].decode()
+    assert header.rstrip(" ") == json.dumps(json.loads(header), sort_keys=True, separators=(",", ":"))
+    assert_same_spec(spec, load_mask_spec(tmp_path / "m0", tiny_model))
+
+
+def _edit_document(out, edit):
+    doc = json.loads((out / MASKS_JSON).read_text())
+    edit(doc)
+    (out / MASKS_JSON).write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d.pop("base_model"),
+    lambda d: d["base_model"].update(fingerprint=None),
+    lambda d: d["base_model"].pop("fingerprint"),
+])
+def test_a_missing_fingerprint_is_refused_when_applying(tiny_model, tmp_path, edit):
+    out = save_mask_spec(hybrid_spec(tiny_model), tmp_path / "m", base_model=tiny_model)
+    _edit_document(out, edit)
+    with pytest.raises(PatchsparseError, match="fingerprint"):
+        load_mask_spec(out, tiny_model)
+
+
+def test_unverified_masks_load_only_when_asked(tiny_model, tmp_path):
+    spec = hybrid_spec(tiny_model)
+    out = save_mask_spec(spec, tmp_path / "m")  # no model given: no fingerprint recorded
+    with pytest.raises(PatchsparseError, match="records no weights fingerprint"):
+        load_mask_spec(out, tiny_model)
+    assert_same_spec(spec, load_mask_spec(out, tiny_model, allow_unverified=True))
+    assert_same_spec(spec, load_mask_spec(out))  # without a model there is nothing to verify
+
+
+def _rewrite_tensors(out, file_name, tensors):
+    from safetensors.torch import save
+
+    payload = save(tensors)
+    (out / file_name).write_bytes(payload)
+    _edit_document(out, lambda d: d["files"][file_name].update(sha256=hashlib.sha256(payload).hexdigest(),
+                                                                bytes=len(payload)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(tiny_model, tmp_path, bad):
+    from safetensors.torch import load_file
+
+    spec = hybrid_spec(tiny_model)
+    name = next(iter(spec.layers))
+    weight = dict(tiny_model.named_modules())[name].weight.detach().clone()
+    weight[0, 0] = bad
+    with pytest.raises(PatchsparseError, match="NaN or infinite"):
+        save_mask_spec(spec, tmp_path / "refused", base_model=tiny_model, updated_weights={name: weight})
+    assert not (tmp_path / "refused").exists()
+    out = save_mask_spec(spec, tmp_path / "m", base_model=tiny_model, updated_weights={name: weight.nan_to_num()})
+    _rewrite_tensors(out, WEIGHTS_TENSORS, {f"{name}.weight": weight})  # a valid checksum over bad values
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    with pytest.raises(PatchsparseError, match="NaN or infinite"):
+        apply_mask_dir(tiny_model, out)
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    tensors = load_file(out / MASKS_TENSORS)
+    tensors[f"weights_sample/{name}"][0] = bad
+    _rewrite_tensors(out, MASKS_TENSORS, tensors)
+    with pytest.raises(PatchsparseError, match="NaN or infinite"):
+        load_mask_spec(out, tiny_model)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(files=None), "'files' must be a JSON object"),
+    (lambda d: d.update(files={"masks.safetensors": "abc"}), "sha256 string"),
+    (lambda d: d.update(metadata="text"), "'metadata' must be a JSON object"),
+    (lambda d: d.update(layers=[1, 2]), "'layers' must be a JSON object"),
+    (lambda d: d["base_model"].update(fingerprint=12), "fingerprint must be a sha256"),
+    (lambda d: next(iter(d["layers"].values())).update(pattern="2:0"), "neither N:M"),
+    (lambda d: next(iter(d["layers"].values())).update(pattern=None), "pattern must be a string"),
+    (lambda d: next(iter(d["layers"].values())).update(shape=[-64, 64]), "positive integers"),
+    (lambda d: next(iter(d["layers"].values())).update(shape=[64.5, 64]), "positive integers"),
+    (lambda d: next(iter(d["layers"].values())).update(tile=[0, 16]), "positive integers"),
+    (lambda d: d["layers"].update({next(iter(d["layers"])): "x"}), "invalid entry"),
+])
+def test_wrongly_typed_fields_are_refused(tiny_model, tmp_path, edit, message):
+    out = save_mask_spec(hybrid_spec(tiny_model), tmp_path / "m", base_model=tiny_model)
+    _edit_document(out, edit)
+    with pytest.raises(PatchsparseError, match=message):
+        load_mask_spec(out, tiny_model)

@@ -13,7 +13,7 @@ import torch
 from patchsparse.errors import PatchsparseError
 from patchsparse.learn import learn_masks, remove_masks
 from patchsparse.learn.config import ObjectiveConfig, OptimConfig, TrainConfig
-from patchsparse.learn.trainer import CHECKPOINT_FILE, METRICS_FILE
+from patchsparse.learn.trainer import CHECKPOINT_FILE, FORMAT_VERSION, METRICS_FILE, PRIOR_FILE
 
 from tests.conftest import build_tiny_llama
 from tests.learn.helpers import tiny_config, tiny_prior, tiny_windows
@@ -161,3 +161,67 @@ def test_resume_before_the_first_checkpoint_starts_from_the_saved_prior(tiny_tok
                          tmp_path / "cut", resume=True)
     assert result.resumed_from is None and result.steps_run == 3
     _assert_same_logits(_logits(result), expected)
+
+
+class _RunsCode:
+    """Unpickling this calls `marker.touch()`: what a crafted run file could do with any callable."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("file_name", [CHECKPOINT_FILE, PRIOR_FILE])
+def test_resume_refuses_a_malicious_pickle_without_running_it(tiny_model, tiny_tokenizer, tmp_path, file_name):
+    config = tiny_config(steps=2, checkpoint_every=1)
+    learn_masks(tiny_model, tiny_windows(len(tiny_tokenizer)), config, tiny_prior(tiny_model), tmp_path)
+    remove_masks(tiny_model)
+    marker = tmp_path / "code-ran"
+    payload = {"format": FORMAT_VERSION, "evil": _RunsCode(marker)}
+    torch.save(payload, tmp_path / file_name)  # torch.save pickles arbitrary objects
+    with pytest.raises(PatchsparseError, match="refused to load"):
+        learn_masks(tiny_model, tiny_windows(len(tiny_tokenizer)), config, None, tmp_path, resume=True)
+    assert not marker.exists()
+    # the same file under the old loader (weights_only=False) does run the code: the test can fail
+    torch.load(tmp_path / file_name, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("file_name", [CHECKPOINT_FILE, PRIOR_FILE])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong-structure"])
+def test_resume_refuses_damaged_run_files(tiny_model, tiny_tokenizer, tmp_path, file_name, damage):
+    config = tiny_config(steps=2, checkpoint_every=1)
+    learn_masks(tiny_model, tiny_windows(len(tiny_tokenizer)), config, tiny_prior(tiny_model), tmp_path)
+    remove_masks(tiny_model)
+    path = tmp_path / file_name
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(4096))
+    else:
+        torch.save({"format": FORMAT_VERSION, "layers": [1, 2], "model.x": {"shape": "ab"}}, path)
+    with pytest.raises(PatchsparseError, match=r"corrupt or truncated|not a valid|unknown checkpoint format"):
+        learn_masks(tiny_model, tiny_windows(len(tiny_tokenizer)), config, None, tmp_path, resume=True)
+    assert not any("logits" in n for n, _ in tiny_model.named_parameters())
+
+
+def test_checkpoint_holds_only_plain_data_and_rng_round_trips(tiny_model, tiny_tokenizer, tmp_path):
+    import numpy as np
+    import random
+
+    config = tiny_config(steps=1, checkpoint_every=1)
+    learn_masks(tiny_model, tiny_windows(len(tiny_tokenizer)), config, tiny_prior(tiny_model), tmp_path)
+    checkpoint = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)  # raises on any foreign object
+    np.random.seed(123)
+    expected = np.random.random_sample(3)
+    np.random.seed(123)
+    from patchsparse.learn.trainer import _rng_state, _set_rng_state
+
+    state = _rng_state()
+    np.random.seed(7)
+    random.random()
+    _set_rng_state(state)
+    assert np.array_equal(np.random.random_sample(3), expected)
+    assert checkpoint["format"] == FORMAT_VERSION

@@ -166,3 +166,48 @@ def test_learn_layout_and_record(tiny_model, tmp_path):
     density_axes = curves.axes[1]
     assert [line.get_label() for line in density_axes.get_lines()] == ["density", "hard_density", "target 70.0%"]
     assert (run / "figures" / "training_curves.png").is_file()
+
+
+def _table_rows(text, first_cell):
+    return [line for line in text.splitlines() if line.startswith(f"| {first_cell}")]
+
+
+def test_labels_and_names_are_escaped(tiny_model, tmp_path):
+    """A `|` must not open a column, HTML must not pass through, a newline must not end the row."""
+    run = tmp_path / "run"
+    write_run_dir(run, tiny_model, with_metrics=False)
+    doc = json.loads((run / "masks.json").read_text())
+    doc["base_model"]["name"] = "evil | <script>alert(1)</script>"
+    (run / "masks.json").write_text(json.dumps(doc))
+    (run / "results" / "x.json").write_text(json.dumps(
+        {"label": "a|b <img src=x onerror=alert(1)>\nc", "figures": {"perplexity": 9.0, "sparsity": 0.1}}))
+    (run / "results" / "<b>bold.json").write_text("{not json")
+    text = build_report(run).read_text()
+    assert "<script>" not in text and "<img" not in text and "<b>" not in text
+    [model_row] = _table_rows(text, "base model")
+    assert model_row == "| base model | evil \\| &lt;script&gt;alert(1)&lt;/script&gt; |"
+    [row] = _table_rows(text, "a\\|b")
+    assert row.startswith("| a\\|b &lt;img src=x onerror=alert(1)&gt; c | 10.00% | 9.000 |")
+    # every row of the perplexity table has the header's number of columns (unescaped pipes)
+    header = "| result | sparsity | perplexity | vs dense | data | record |"
+    table = [line for line in text[text.index(header):].split("\n\n")[0].splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 4
+    assert all(len(line.replace("\\|", "").split("|")) == len(header.split("|")) for line in table)
+
+
+@pytest.mark.parametrize("entry", ["report.md", "figures", "results/odd.json"])
+def test_unexpected_entries_in_the_run_directory(tiny_model, tmp_path, entry):
+    from patchsparse.errors import PatchsparseError
+
+    run = tmp_path / "run"
+    write_run_dir(run, tiny_model, with_metrics=False)
+    if entry == "figures":
+        (run / entry).write_text("a file where the figures folder goes")
+    else:
+        (run / entry).mkdir()
+    if entry == "results/odd.json":  # a folder among the records is skipped with a note
+        assert "odd.json: cannot be read" in build_report(run).read_text()
+        return
+    with pytest.raises(PatchsparseError, match="exists and is not a"):
+        build_report(run)
+    assert (run / entry).exists() and not (run / "report.md").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +56,36 @@ def check_seqlen(seqlen: int, max_positions: int | None, option: str = "--seqlen
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
             if k not in ("handler", "debug", "json")}
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(path: Path, option: str = "--out") -> None:
+    """Refuse before any work an output directory that cannot be created or written."""
+    if path.exists() and not path.is_dir():
+        raise PatchsparseError(f"{option} {path} exists and is not a directory")
+    anchor = _nearest_existing(path)
+    if not anchor.is_dir():
+        raise PatchsparseError(f"{option} {path} cannot be created: {anchor} is a file")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise PatchsparseError(f"{option} {path} cannot be written: {anchor} is not writable")
+
+
+def check_writable_file(path: Path | None, option: str = "--json") -> None:
+    """Refuse before any work an output file that is a directory, lies below a file, or cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise PatchsparseError(f"{option} {path} is a directory; give a file path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PatchsparseError(f"{option} {path} is not writable")
+    anchor = _nearest_existing(path.parent)
+    if not anchor.is_dir():
+        raise PatchsparseError(f"{option} {path} cannot be created: {anchor} is a file")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise PatchsparseError(f"{option} {path} cannot be written: {anchor} is not writable")

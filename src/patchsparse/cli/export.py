@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from patchsparse.cli.apply import sparsity_lines
-from patchsparse.cli.common import add_model_args
+from patchsparse.cli.common import add_model_args, check_writable_dir
 from patchsparse.io.export import SIDECAR, check_output_dir, export_checkpoint
 from patchsparse.io.maskfile import read_mask_document
 from patchsparse.models import load_model
@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)  # before loading anything
+    check_writable_dir(args.out)
     document = read_mask_document(args.masks)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     spec = export_checkpoint(loaded, args.masks, args.out, overwrite=args.overwrite)

@@ -11,17 +11,20 @@ per step), `run.json`, `prior.pt` and `checkpoint.pt` (for `--resume`).
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 
-from patchsparse.cli.common import add_data_args, add_json_arg, add_model_args, check_seqlen, positive_int, settings_of
+from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args, check_writable_dir, check_seqlen,
+                                    positive_int, settings_of)
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.windows import shuffled_blocks
 from patchsparse.errors import PatchsparseError
 from patchsparse.extract import POLICIES, extraction_report
+from patchsparse.io.atomic import set_aside
+from patchsparse.io.lock import directory_lock
 from patchsparse.learn.blockwise import BlockwiseConfig
 from patchsparse.learn.config import MODES, LearnConfig, LinearSchedule, with_overrides
 from patchsparse.learn.presets import PRESETS, preset_config
@@ -125,15 +128,17 @@ def config_from_args(args: argparse.Namespace) -> LearnConfig:
     return config
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise PatchsparseError(f"--out {out} exists and is not a directory")
-    if resume:
-        return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise PatchsparseError(f"--out {out} exists; pass --overwrite to replace it or --resume to continue it")
-        shutil.rmtree(out)
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse an unusable --out before any work; True when an existing run is to be replaced.
+
+    `check_writable_dir` has run before. Nothing is deleted here: the old run is set aside only once everything else has been checked,
+    and put back if the new run fails (`set_aside`).
+    """
+    if resume or not (out.exists() and any(out.iterdir())):
+        return False
+    if not overwrite:
+        raise PatchsparseError(f"--out {out} exists; pass --overwrite to replace it or --resume to continue it")
+    return True
 
 
 def prior_spec(prior: PriorMasks, config: LearnConfig) -> dict[str, HybridMaskSpec]:
@@ -160,22 +165,25 @@ def run_learn(args: argparse.Namespace) -> int:
     if args.blockwise and args.resume:
         raise PatchsparseError("a block-wise run keeps no checkpoint to resume; run it again without --resume")
     device = resolve_device(args.device)
+    check_writable_dir(args.out)
     parallel = from_environment(device.type)
     try:
-        return _run_learn(args, config, parallel, device)
+        with contextlib.ExitStack() as stack:
+            if parallel.is_main:  # a second learn on the same --out fails here, before any work
+                stack.enter_context(directory_lock(args.out))
+            return _run_learn(args, config, parallel, device, stack)
     finally:
         if parallel.active and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataParallel, device: torch.device) -> int:
+def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataParallel, device: torch.device,
+               stack: contextlib.ExitStack) -> int:
     if parallel.active and config.train.batch_size % parallel.world:
         raise PatchsparseError(f"--batch {config.train.batch_size} cannot be split over {parallel.world} processes; "
                                f"make it a multiple of {parallel.world}")
     main = parallel.is_main
-    if main:
-        prepare_out_dir(args.out, args.resume, args.overwrite)
-    parallel.barrier()  # no process reads --out before process 0 has prepared it
+    replace_old = check_out_dir(args.out, args.resume, args.overwrite) if main else False
     if parallel.active and device.type == "cuda":
         device = torch.device("cuda", parallel.local_rank)
     loaded = load_model(args.model, dtype=args.dtype, device=device)
@@ -208,6 +216,8 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
                 figures.setdefault("perplexity", {})[label] = masked_perplexity(model, spec, eval_windows, label)
                 figures.setdefault("prior_sparsity", {})[label] = spec.sparsity()
 
+    if replace_old:  # everything is checked: set the old run aside (it comes back if this one fails)
+        stack.enter_context(set_aside(args.out))
     # with --resume, learning continues from the checkpoint, or (killed before the first one)
     # starts afresh from the saved prior
     parallel.barrier()  # the others wait while process 0 evaluates the prior

@@ -8,6 +8,7 @@ import os
 import sys
 
 from patchsparse import __version__
+from patchsparse.cli.common import check_writable_file
 from patchsparse.errors import PatchsparseError
 
 # Each module defines `register(subparsers)`, which adds its parser with `handler=` set.
@@ -47,15 +48,29 @@ def main(argv: list[str] | None = None) -> int:
     # Built-in models and corpora are local; never let transformers wander to the hub for them.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        # every command's --json record: refuse an unwritable path before the work, not after it
+        check_writable_file(getattr(args, "json", None))
         return int(args.handler(args) or 0)
     except PatchsparseError as exc:
         if args.debug:
             raise
         print(f"patchsparse: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment, not a bug: unwritable or full disk, missing permission
+        if args.debug:
+            raise
+        print(f"patchsparse: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("patchsparse: interrupted", file=sys.stderr)
         return 130
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line: what failed and on which path ("No space left on device: runs/x/checkpoint.pt")."""
+    reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{reason}: {' -> '.join(paths)}" if paths else reason
 
 
 if __name__ == "__main__":

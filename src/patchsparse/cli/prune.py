@@ -11,23 +11,26 @@ mask file and the base model reproduce the pruned model exactly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 
-from patchsparse.cli.common import add_data_args, add_json_arg, add_model_args, check_seqlen, settings_of
+from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args, check_writable_dir, check_seqlen,
+                                    settings_of)
 from patchsparse.cli.evaluate import perplexity_line
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
+from patchsparse.io.lock import directory_lock
 from patchsparse.masks.spec import HybridMaskSpec
 from patchsparse.masks.tiles import check_tile_size
 from patchsparse.models import load_model, select_linears
 from patchsparse.prior.oneshot import METHODS, check_method, prune_model
 from patchsparse.prior.pattern import PrunePattern
 from patchsparse.prior.pruners import SparseGPTOptions
-from patchsparse.prior.tile_prior import check_hybrid_sparsity
+from patchsparse.prior.tile_prior import check_hybrid_sparsity, check_tile_reaches_target
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log
 
@@ -101,11 +104,23 @@ def save_outputs(spec: HybridMaskSpec, model: torch.nn.Module, out: Path, overwr
 
 def run_prune(args: argparse.Namespace) -> int:
     pattern = pattern_of(args)
+    with contextlib.ExitStack() as stack:
+        if args.out is not None:
+            check_writable_dir(args.out)
+            # a second prune on the same --out fails here, not after all its work
+            stack.enter_context(directory_lock(args.out))
+        return _run_prune(args, pattern)
+
+
+def _run_prune(args: argparse.Namespace, pattern: PrunePattern) -> int:
     tile = tuple(args.tile) if args.tile is not None else None
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     model = loaded.model
     check_seqlen(args.seqlen, loaded.max_positions)
-    names = list(select_linears(model))  # fails early for a model without decoder linears
+    linears = select_linears(model)  # fails early for a model without decoder linears
+    names = list(linears)
+    if tile is not None:
+        check_tile_reaches_target([tuple(m.weight.shape) for m in linears.values()], tile, args.sparsity)
     corpus = load_corpus(args.data)
     calib = None
     if args.method != "magnitude":  # magnitude needs no calibration data

@@ -18,22 +18,22 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from patchsparse.cli.common import add_json_arg, check_seqlen, positive_int
+from patchsparse.cli.common import add_json_arg, check_seqlen, check_writable_dir, positive_int
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.corpus import DEFAULT_CORPUS
 from patchsparse.data.windows import shuffled_blocks
 from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
 from patchsparse.io.atomic import atomic_write_text
+from patchsparse.io.lock import directory_lock
 from patchsparse.io.maskfile import save_mask_spec
-from patchsparse.learn.config import with_overrides
 from patchsparse.learn.blockwise import BlockwiseConfig
-from patchsparse.learn.config import LearnConfig
+from patchsparse.learn.config import LearnConfig, with_overrides
 from patchsparse.learn.presets import preset_config
 from patchsparse.models import load_model, select_linears
 from patchsparse.models.builtin import DEFAULT_MODEL
-from patchsparse.prior.oneshot import prune_model
 from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity
+from patchsparse.prior.oneshot import prune_model
 from patchsparse.prior.tile_prior import check_hybrid_sparsity
 from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
 from patchsparse.records import make_record, write_record
@@ -145,9 +145,13 @@ def _restore(linears: dict[str, nn.Linear], saved: dict[str, torch.Tensor]) -> N
 
 def run_main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    check_writable_dir(args.out)
+    with directory_lock(args.out):  # a second `run` on the same --out stops here, before any work
+        return _run_main(args, settings)
+
+
+def _run_main(args: argparse.Namespace, settings: RunSettings) -> int:
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise PatchsparseError(f"--out {out} exists and is not a directory")
     (out / RESULTS).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
 

@@ -132,19 +132,45 @@ def _read_local_texts(path: Path) -> list[str]:
                 if not line.strip():
                     continue
                 try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    text = json.loads(line)["text"]
+                    if not isinstance(text, str):
+                        raise TypeError
+                    texts.append(text)
+                except (json.JSONDecodeError, KeyError, TypeError, IndexError):
                     raise PatchsparseError(f"{path}:{line_no}: expected a JSON object with a 'text' field") from None
         return texts
     if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq  # available with `datasets`
-
-        return [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t]
+        try:
+            import pyarrow.parquet as pq  # available with `datasets`
+        except ImportError:
+            raise PatchsparseError(f"reading '{path.name}' needs pyarrow: pip install 'patchsparse[hub]' "
+                                   f"(or pip install pyarrow)") from None
+        try:
+            column = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types for corrupt files and schemas
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise PatchsparseError(f"cannot read parquet file '{path}' (needs a 'text' column): {first[:160]}") from None
+        if not all(t is None or isinstance(t, str) for t in column):
+            raise PatchsparseError(f"parquet file '{path}': the 'text' column does not hold strings")
+        return [t for t in column if t]
     raise PatchsparseError(f"unsupported data file '{path.name}' (use .txt, .jsonl, .json.gz or .parquet)")
 
 
+def _read_local_texts_checked(path: Path) -> list[str]:
+    """`_read_local_texts` with every way a file can be unreadable as one clear error."""
+    import zlib
+
+    try:
+        return _read_local_texts(path)
+    except UnicodeDecodeError as exc:
+        raise PatchsparseError(f"data file '{path}' is not UTF-8 text (byte {exc.start}: "
+                               f"{exc.object[exc.start:exc.start + 1]!r})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise PatchsparseError(f"data file '{path}' is not a valid gzip file (corrupt or truncated): {exc}") from None
+
+
 def load_local_corpus(path: Path) -> Corpus:
-    texts = _read_local_texts(path)
+    texts = _read_local_texts_checked(path)
     if not texts:
         raise PatchsparseError(f"data file '{path}' holds no text")
     # Paragraphs of a .txt file, records of a JSON/parquet file: every EVAL_EVERY-th is held out.

@@ -132,6 +132,31 @@ def _samples_agree(stored: torch.Tensor, current: torch.Tensor, stored_dtype: to
 
 # --------------------------------------------------------------------------- save
 
+def canonical_safetensors(payload: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted, so equal tensors give equal bytes.
+
+    The writer keeps the header metadata in a hash map, whose order changes from process to process;
+    tensor data offsets are relative to the end of the header, so re-serialising it moves nothing.
+    """
+    size = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 bytes
+    return len(text).to_bytes(8, "little") + text + payload[8 + size:]
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.torch import save as save_tensors
+
+    return canonical_safetensors(save_tensors(tensors, metadata=metadata))
+
+
+def _check_finite(weights: dict[str, torch.Tensor], what: str) -> None:
+    for name, weight in weights.items():
+        if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+            raise PatchsparseError(f"{what}: '{name}' holds NaN or infinite values")
+
+
 def _json_ready(value: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(value))
@@ -214,8 +239,6 @@ def save_mask_spec(spec: HybridMaskSpec, directory: str | Path, *, identity: dic
         pruner changed; stored in weights.safetensors and restored by `apply_mask_dir`.
     overwrite: replace an existing directory; without it an existing one is refused.
     """
-    from safetensors.torch import save as save_tensors
-
     directory = Path(directory)
     if not spec.layers:
         raise PatchsparseError("the mask spec has no layers; nothing to save")
@@ -237,15 +260,16 @@ def save_mask_spec(spec: HybridMaskSpec, directory: str | Path, *, identity: dic
         weights_fingerprint = computed
         sample_dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
         tensors.update({f"weights_sample/{name}": s for name, s in samples.items()})
-    payload = save_tensors(tensors, metadata={"format": FORMAT_NAME, "schema_version": str(SCHEMA_VERSION)})
+    payload = _save_tensors(tensors, metadata={"format": FORMAT_NAME, "schema_version": str(SCHEMA_VERSION)})
     files = {MASKS_TENSORS: {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}}
     weights_payload = None
     if updated_weights:
         for name, weight in updated_weights.items():
             if name not in spec.layers or tuple(weight.shape) != spec.layers[name].shape:
                 raise PatchsparseError(f"updated weight for '{name}' matches no masked layer of the same shape")
-        weights_payload = save_tensors({f"{name}.weight": w.detach().to("cpu").contiguous()
-                                        for name, w in updated_weights.items()})
+        _check_finite(updated_weights, "updated weights")
+        weights_payload = _save_tensors({f"{name}.weight": w.detach().to("cpu").contiguous()
+                                         for name, w in updated_weights.items()})
         files[WEIGHTS_TENSORS] = {"sha256": hashlib.sha256(weights_payload).hexdigest(),
                                   "bytes": len(weights_payload), "layers": sorted(updated_weights)}
 
@@ -313,7 +337,48 @@ def read_mask_document(directory: str | Path) -> dict[str, Any]:
     if version != SCHEMA_VERSION:
         raise PatchsparseError(
             f"{path} has schema version {version}; this patchsparse ({__version__}) reads version {SCHEMA_VERSION}")
+    _check_field_types(document, path)
     return document
+
+
+# Fields whose type every reader relies on: name -> (allowed types, may be null).
+_FIELD_TYPES = {"files": (dict, False), "layers": (dict, False), "base_model": (dict, False),
+                "metadata": (dict, True), "training": (dict, True)}
+
+
+def _check_field_types(document: dict[str, Any], path: Path) -> None:
+    """Refuse a masks.json whose fields have the wrong type, before anything reads them."""
+    for key, (kind, nullable) in _FIELD_TYPES.items():
+        value = document.get(key)
+        if value is None and nullable:
+            continue
+        if not isinstance(value, kind):
+            raise PatchsparseError(f"{path}: field '{key}' must be a JSON object, got {type(value).__name__}")
+    for name, entry in document["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise PatchsparseError(f"{path}: files['{name}'] must be an object with a sha256 string")
+    fingerprint = document["base_model"].get("fingerprint")
+    if fingerprint is not None and not (isinstance(fingerprint, str) and len(fingerprint) == 64
+                                        and all(c in "0123456789abcdef" for c in fingerprint)):
+        raise PatchsparseError(f"{path}: base_model.fingerprint must be a sha256 hex string or null")
+
+
+def _positive_ints(value: Any, length: int) -> tuple[int, ...]:
+    if (not isinstance(value, list) or len(value) != length
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)):
+        raise ValueError(f"expected {length} positive integers, got {value!r}")
+    return tuple(value)
+
+
+def _check_pattern(pattern: Any) -> str:
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern must be a string, got {pattern!r}")
+    if pattern == "unstructured":
+        return pattern
+    parts = pattern.split(":")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 < int(parts[0]) <= int(parts[1]):
+        raise ValueError(f"pattern {pattern!r} is neither N:M with 0 < N <= M nor 'unstructured'")
+    return pattern
 
 
 def _read_verified_tensors(directory: Path, document: dict[str, Any],
@@ -324,7 +389,7 @@ def _read_verified_tensors(directory: Path, document: dict[str, Any],
     if not path.is_file():
         raise PatchsparseError(f"{directory} is not a complete mask directory: {file_name} is missing")
     payload = path.read_bytes()  # hash and parse the same bytes
-    expected = document.get("files", {}).get(file_name, {})
+    expected = document["files"].get(file_name, {})
     if hashlib.sha256(payload).hexdigest() != expected.get("sha256"):
         raise PatchsparseError(
             f"{path} is corrupt or truncated: its sha256 does not match {MASKS_JSON} "
@@ -337,12 +402,14 @@ def _read_verified_tensors(directory: Path, document: dict[str, Any],
 
 def _layer_from_entry(name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LayerMask:
     try:
-        shape = tuple(int(x) for x in entry["shape"])
-        tile = tuple(int(x) for x in entry["tile"]) if entry.get("tile") else None
-        grid = tuple(int(x) for x in entry["grid"]) if entry.get("grid") else None
-        pattern = str(entry["pattern"])
+        if not isinstance(entry, dict):
+            raise TypeError(f"expected an object, got {type(entry).__name__}")
+        shape = _positive_ints(entry["shape"], 2)
+        tile = _positive_ints(entry["tile"], 2) if entry.get("tile") is not None else None
+        grid = _positive_ints(entry["grid"], 2) if entry.get("grid") is not None else None
+        pattern = _check_pattern(entry["pattern"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise PatchsparseError(f"{MASKS_JSON}: layer '{name}' has an incomplete entry ({exc})") from None
+        raise PatchsparseError(f"{MASKS_JSON}: layer '{name}' has an invalid entry ({exc})") from None
     if f"sparse_keep/{name}" not in tensors:
         raise PatchsparseError(f"{MASKS_TENSORS} has no mask for layer '{name}'")
     sparse_keep = unpack_bits(tensors[f"sparse_keep/{name}"], shape)
@@ -355,15 +422,25 @@ def _layer_from_entry(name: str, entry: dict[str, Any], tensors: dict[str, torch
 
 
 def check_fingerprint(document: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module,
-                      names: list[str]) -> None:
-    """Refuse a model whose weights are not the ones the masks were made for."""
+                      names: list[str], allow_unverified: bool = False) -> None:
+    """Refuse a model whose weights are not the ones the masks were made for.
+
+    A file without a fingerprint is refused too (a removed `base_model` or a nulled fingerprint must
+    not quietly reduce the check to names and shapes), unless `allow_unverified`.
+    """
     base = document.get("base_model", {})
     expected = base.get("fingerprint")
+    samples_stored = {k: v for k, v in tensors.items() if k.startswith("weights_sample/")}
+    _check_finite(samples_stored, MASKS_TENSORS)
     if not expected:
-        from patchsparse.utils import log
+        if allow_unverified:
+            from patchsparse.utils import log
 
-        log("note: this mask file records no weights fingerprint; only layer names and shapes were checked")
-        return
+            log("note: this mask file records no weights fingerprint; only layer names and shapes were checked")
+            return
+        raise PatchsparseError(
+            f"{MASKS_JSON} records no weights fingerprint of its base model, so nothing proves these masks "
+            f"belong to this model; refusing to apply them (save masks with base_model= or weights_fingerprint=)")
     weights = _linear_weights(model, names)
     samples = {name: weights_sample(w) for name, w in weights.items()}
     if _fingerprint_of_samples(samples, {n: tuple(w.shape) for n, w in weights.items()}) == expected:
@@ -383,12 +460,14 @@ def check_fingerprint(document: dict[str, Any], tensors: dict[str, torch.Tensor]
         f"layers have different weights. {hint}")
 
 
-def load_mask_spec(directory: str | Path, model: nn.Module | None = None) -> HybridMaskSpec:
+def load_mask_spec(directory: str | Path, model: nn.Module | None = None, *,
+                   allow_unverified: bool = False) -> HybridMaskSpec:
     """Read a mask directory into a `HybridMaskSpec`.
 
     The checksum of masks.safetensors is verified before any tensor is parsed. With `model`, the
     layer names, shapes and the weights fingerprint are checked too (on the unmasked model), so a
-    mismatch is refused before anything is applied. The model is never modified here.
+    mismatch is refused before anything is applied. The model is never modified here. A file that
+    records no fingerprint is refused with a model unless `allow_unverified`.
     """
     directory = Path(directory)
     document = read_mask_document(directory)
@@ -401,7 +480,7 @@ def load_mask_spec(directory: str | Path, model: nn.Module | None = None) -> Hyb
     check_consistent(spec)
     if model is not None:
         spec.check_matches(model)
-        check_fingerprint(document, tensors, model, list(layers))
+        check_fingerprint(document, tensors, model, list(layers), allow_unverified)
     return spec
 
 
@@ -409,9 +488,10 @@ def load_updated_weights(directory: str | Path, spec: HybridMaskSpec) -> dict[st
     """The updated weights stored beside the masks (empty when there are none), checksum verified."""
     directory = Path(directory)
     document = read_mask_document(directory)
-    if WEIGHTS_TENSORS not in document.get("files", {}):
+    if WEIGHTS_TENSORS not in document["files"]:
         return {}
     tensors = _read_verified_tensors(directory, document, WEIGHTS_TENSORS)
+    _check_finite(tensors, WEIGHTS_TENSORS)
     weights = {}
     for key, weight in tensors.items():
         name = key.removesuffix(".weight")

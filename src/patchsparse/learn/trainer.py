@@ -38,7 +38,7 @@ from patchsparse.errors import PatchsparseError
 from patchsparse.io.atomic import atomic_write_text, atomic_write_with
 from patchsparse.learn.config import LearnConfig, TrainConfig
 from patchsparse.learn.distributed import SINGLE, DataParallel, optimizer_state_for_checkpoint
-from patchsparse.learn.masked import HARD, OFF, SAMPLE, MaskedModel, attach_masks
+from patchsparse.learn.masked import HARD, OFF, SAMPLE, MaskedModel, attach_masks, remove_masks
 from patchsparse.learn.objective import distillation_loss, sparsity_regulariser, weight_magnitude_ratio
 from patchsparse.learn.schedules import cosine_lr
 from patchsparse.masks.tiles import TileGrid
@@ -50,7 +50,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 PRIOR_FILE = "prior.pt"
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: loadable with weights_only=True (numpy RNG state as plain data)
 
 
 @dataclass
@@ -82,18 +82,62 @@ def save_prior(prior: PriorMasks, path: Path) -> None:
     atomic_torch_save(data, path)
 
 
+def load_run_file(path: Path) -> Any:
+    """Read prior.pt / checkpoint.pt without executing anything: tensors and plain containers only.
+
+    Run directories are shared; `weights_only=True` refuses any pickled object that is not a tensor,
+    a number, a string or a list/tuple/dict of them, so a crafted file cannot run code on resume.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # random bytes fail too, on an unknown opcode
+            raise PatchsparseError(f"{path} is corrupt or truncated (not a torch file); "
+                                   f"delete it to restart the run, or pass --overwrite") from None
+        reason = str(exc).strip().splitlines()
+        detail = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
+        raise PatchsparseError(f"{path}: refused to load: it holds objects other than tensors and plain data "
+                               f"({detail.strip()[:120]}); a checkpoint of patchsparse before format "
+                               f"{FORMAT_VERSION} does too: restart such a run with --overwrite") from None
+    except Exception as exc:  # noqa: BLE001 - truncated or not a torch file at all
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PatchsparseError(f"{path} is corrupt or truncated ({first[:120]}); "
+                               f"delete it to restart the run, or pass --overwrite") from None
+
+
+def _bad_run_file(path: Path, what: str) -> PatchsparseError:
+    return PatchsparseError(f"{path} is not a valid {what} (unexpected structure); delete it to restart the run")
+
+
 def load_prior(path: Path) -> PriorMasks:
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    data = load_run_file(path)
     prior = {}
-    for name, d in data.items():
-        n = d["shape"][0] * d["shape"][1]
-        keep = torch.from_numpy(np.unpackbits(d["nm_keep"].numpy())[:n].astype(bool)).view(*d["shape"])
-        prior[name] = LayerPrior(keep, d["tile_scores"], d["tile"])
+    try:
+        for name, d in data.items():
+            rows, cols = (int(x) for x in d["shape"])
+            n = rows * cols
+            packed = d["nm_keep"]
+            if rows < 1 or cols < 1 or packed.dtype != torch.uint8 or packed.numel() != -(-n // 8):
+                raise ValueError("packed mask does not fit its shape")
+            keep = torch.from_numpy(np.unpackbits(packed.numpy())[:n].astype(bool)).view(rows, cols)
+            tile_scores, tile = d["tile_scores"], d["tile"]
+            if tile_scores is not None and not (isinstance(tile_scores, torch.Tensor)
+                                                and bool(torch.isfinite(tile_scores).all())):
+                raise ValueError("tile scores are not finite")
+            prior[name] = LayerPrior(keep, tile_scores, None if tile is None else tuple(int(x) for x in tile))
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):
+        raise _bad_run_file(path, "prior file") from None
     return prior
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # numpy's state as plain data: a checkpoint holds nothing that needs unpickling of foreign classes
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -102,7 +146,9 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -286,12 +332,15 @@ def learn_masks(model: nn.Module, train_windows: torch.Tensor, config: LearnConf
         if out is None:
             raise PatchsparseError("resuming needs the run's output directory")
         if (out / CHECKPOINT_FILE).is_file():
-            checkpoint = torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-            if checkpoint.get("format") != FORMAT_VERSION:
+            checkpoint = load_run_file(out / CHECKPOINT_FILE)
+            if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_VERSION:
                 raise PatchsparseError(f"{out / CHECKPOINT_FILE}: unknown checkpoint format")
         if (out / PRIOR_FILE).is_file():
             prior = load_prior(out / PRIOR_FILE)
     if checkpoint is not None:
+        missing = {"config", "layers", "step", "masks", "optimizer", "rng"} - set(checkpoint)
+        if missing or not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["layers"], dict):
+            raise _bad_run_file(out / CHECKPOINT_FILE, "checkpoint")
         _check_same_run(checkpoint, config, checkpoint["layers"])  # settings first: nothing touched yet
 
     masked = attach_masks(model, config, prior)
@@ -301,14 +350,22 @@ def learn_masks(model: nn.Module, train_windows: torch.Tensor, config: LearnConf
     start = 0
     if checkpoint is not None:
         _check_same_run(checkpoint, config, layers)
-        with torch.no_grad():
-            for name, m in masked.masks.items():
-                for key, value in checkpoint["masks"][name].items():
-                    getattr(m, key).copy_(value)
-        # the whole state; a sharded optimizer keeps its own share of it
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        _set_rng_state(checkpoint["rng"])
-        start = checkpoint["step"]
+        try:
+            with torch.no_grad():
+                for name, m in masked.masks.items():
+                    for key, value in checkpoint["masks"][name].items():
+                        if not torch.isfinite(value).all():
+                            raise ValueError(f"non-finite values in {name}.{key}")
+                        getattr(m, key).copy_(value)
+            # the whole state; a sharded optimizer keeps its own share of it
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            _set_rng_state(checkpoint["rng"])
+            start = int(checkpoint["step"])
+            if not 0 <= start <= tc.steps:
+                raise ValueError(f"step {start} outside 0..{tc.steps}")
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError):
+            remove_masks(model)
+            raise _bad_run_file(out / CHECKPOINT_FILE, "checkpoint") from None
         log(f"resuming at step {start} of {tc.steps} from {out / CHECKPOINT_FILE}")
     writes = out is not None and parallel.is_main
     if writes:

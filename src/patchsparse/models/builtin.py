@@ -77,6 +77,7 @@ def cached_builtin_dir(spec: BuiltinModel, gguf_path: Path | None = None) -> Pat
     target = cache_root() / spec.cache_folder
     if (target / "patchsparse_builtin.json").is_file():
         return target
+    _check_cache_writable(target.parent)  # before the conversion's work, not after it
     gguf_path = gguf_path or locate_gguf(spec)
     actual = sha256_of(gguf_path)
     if actual != spec.sha256:
@@ -85,6 +86,16 @@ def cached_builtin_dir(spec: BuiltinModel, gguf_path: Path | None = None) -> Pat
         )
     _convert_gguf(spec, gguf_path, target)
     return target
+
+
+def _check_cache_writable(root: Path) -> None:
+    anchor = root.absolute()
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+        raise PatchsparseError(f"the model cache {root} cannot be written ({anchor} is "
+                               f"{'a file' if not anchor.is_dir() else 'not writable'}); "
+                               f"set PATCHSPARSE_CACHE to a writable folder")
 
 
 def _convert_gguf(spec: BuiltinModel, gguf_path: Path, target: Path) -> None:

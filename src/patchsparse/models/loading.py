@@ -98,16 +98,19 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
                 f"Hugging Face hub is unreachable (offline)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, local_files_only=local, **from_pretrained_kwargs)
-    except (OSError, ValueError) as exc:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, local_files_only=local, output_loading_info=True, **from_pretrained_kwargs)
+    except Exception as exc:  # noqa: BLE001 - a broken folder fails in many ways (safetensors, sizes, config)
         if local:
-            raise PatchsparseError(f"cannot load model from '{source}': {_first_line(exc)}") from exc
+            raise PatchsparseError(f"cannot load model from '{source}': {_first_line(exc)}") from None
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         known = ", ".join(sorted(BUILTIN_MODELS))
         raise PatchsparseError(
             f"cannot load '{spec}': not a built-in model ({known}), not a local directory, and the "
             f"Hugging Face hub did not provide it (offline or unknown id): {_first_line(exc)}"
         ) from exc
+    _check_loading_info(info, model, source)
     if "device_map" not in from_pretrained_kwargs:
         model.to(dev)
     model.eval()
@@ -133,20 +136,55 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
 
 
+def _check_loading_info(info: dict[str, Any], model: torch.nn.Module, source: str) -> None:
+    """Refuse weights that do not fill the model its config describes (they would be random)."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = [k for k in info.get("missing_keys", ()) if k not in tied]
+    problems = [f"{len(missing)} weight(s) missing from the checkpoint (e.g. {sorted(missing)[0]})"] if missing else []
+    if info.get("mismatched_keys"):
+        problems.append(f"{len(info['mismatched_keys'])} weight(s) of another shape")
+    if problems:
+        raise PatchsparseError(f"cannot load model from '{source}': its config does not match its weights: "
+                               f"{'; '.join(problems)}")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Fail fast offline: huggingface_hub would otherwise retry for about a minute."""
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # behind a proxy a direct probe proves nothing; let the hub client try
     import socket
     from urllib.parse import urlparse
 
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(v)), None)
+    if proxy:  # behind a proxy a direct probe proves nothing: ask the proxy for a tunnel to the hub
+        return _proxy_tunnels_to(proxy, host, timeout)
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
     except OSError:
+        return False
+
+
+def _proxy_tunnels_to(proxy: str, host: str, timeout: float) -> bool:
+    """Whether an HTTP(S) proxy answers a CONNECT to host:443 with 200 within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return True  # a SOCKS or unusual proxy: we cannot probe it, let the hub client try
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        with socket.create_connection((parsed.hostname, port), timeout=timeout) as conn:
+            if parsed.scheme == "https":
+                return True  # reachable; the tunnel itself would need TLS to the proxy first
+            conn.settimeout(timeout)
+            conn.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+            status = conn.recv(64).split(b"\r\n", 1)[0].split()
+        return len(status) >= 2 and status[1] == b"200"
+    except (OSError, ValueError):
         return False
 
 

@@ -37,3 +37,34 @@ def initial_dense_tiles(scores: torch.Tensor, grid: TileGrid, sparsity: float) -
     dense = torch.zeros(flat_scores.numel(), dtype=torch.bool)
     dense[order[:count]] = True
     return dense.view(grid.shape)
+
+
+# How far a one-shot hybrid prior may land from its target sparsity before it is refused.
+TILE_TARGET_TOLERANCE = 0.01
+
+
+def reachable_hybrid_sparsity(shapes: list[tuple[int, int]], tile: tuple[int, int], sparsity: float) -> float:
+    """The sparsity whole dense tiles of `tile` reach when each layer takes its closest count (ties row-major).
+
+    Layer by layer the dense share is rounded to whole tiles; a tile as large as the layer rounds
+    it to all-dense or all-2:4, which can land far from the target.
+    """
+    kept = total = 0.0
+    for out_features, in_features in shapes:
+        grid = TileGrid(out_features, in_features, *tile)  # as the one-shot prior cuts it
+        dense = initial_dense_tiles(torch.zeros(grid.shape), grid, sparsity)
+        dense_weights = float(grid.tile_numel()[dense].sum())
+        numel = out_features * in_features
+        kept += dense_weights + 0.5 * (numel - dense_weights)
+        total += numel
+    return 1.0 - kept / total
+
+
+def check_tile_reaches_target(shapes: list[tuple[int, int]], tile: tuple[int, int], sparsity: float) -> None:
+    """Refuse a tile size too coarse for these layers to reach `sparsity` (before any pruning work)."""
+    reached = reachable_hybrid_sparsity(shapes, tile, sparsity)
+    if abs(reached - sparsity) > TILE_TARGET_TOLERANCE:
+        smallest = min(shapes, key=lambda s: s[0] * s[1])
+        raise PatchsparseError(
+            f"tile {tile[0]}x{tile[1]} is too coarse for these layers (the smallest is {smallest[0]}x{smallest[1]}): "
+            f"whole dense tiles reach {reached:.1%} sparsity, not the target {sparsity:.1%}; use a smaller --tile")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+from patchsparse.errors import PatchsparseError
 from patchsparse.io.atomic import atomic_directory, atomic_write_text
 from patchsparse.io.maskfile import load_mask_spec, read_mask_document
 from patchsparse.masks import HybridMaskSpec
@@ -15,6 +18,19 @@ from patchsparse.report.inputs import (METRICS_FILE, Metrics, ResultRow, dense_r
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
+
+
+def md_cell(value: Any) -> str:
+    """Text safe inside a Markdown table cell: no raw HTML, no `|` that opens a column, one line."""
+    text = " ".join(str(value).split())  # newlines would end the row
+    text = html.escape(text, quote=False).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+    return text
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any run of backticks in `text`, so the text cannot close it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
 
 
 def _percent(value: Any) -> str:
@@ -29,15 +45,15 @@ def summary_lines(document: dict[str, Any], spec: HybridMaskSpec) -> list[str]:
     tile = document.get("tile")
     kept, total = spec.kept_and_total()
     lines = [
-        f"| base model | {model} |",
-        f"| weights fingerprint | {(base.get('fingerprint') or 'not recorded')[:16]} |",
-        f"| mode | {document.get('mode') or '—'} |",
-        f"| pattern of sparse tiles | {document.get('pattern') or 'mixed'} |",
+        f"| base model | {md_cell(model)} |",
+        f"| weights fingerprint | {md_cell(str(base.get('fingerprint') or 'not recorded')[:16])} |",
+        f"| mode | {md_cell(document.get('mode') or '—')} |",
+        f"| pattern of sparse tiles | {md_cell(document.get('pattern') or 'mixed')} |",
         f"| tile size | {f'{tile[0]}x{tile[1]}' if tile else 'none / mixed'} |",
         f"| target sparsity | {_percent(document.get('target_sparsity'))} |",
         f"| achieved sparsity | {_percent(spec.sparsity())} ({total - kept:,} of {total:,} weights in "
         f"{len(spec.layers)} layers) |",
-        f"| written by | patchsparse {document.get('package_version', '?')} |",
+        f"| written by | patchsparse {md_cell(document.get('package_version', '?'))} |",
     ]
     return ["| | |", "|---|---|", *lines]
 
@@ -48,8 +64,8 @@ def perplexity_table(rows: list[ResultRow]) -> list[str]:
     lines = [header, "|---|---:|---:|---:|---|---|"]
     for row in sorted(rows, key=lambda r: (r.sparsity or 0.0, r.perplexity)):
         ratio = f"{row.perplexity / reference.perplexity:.3f}x" if reference else "—"
-        lines.append(f"| {row.label} | {_percent(row.sparsity)} | {row.perplexity:.3f} | {ratio} | "
-                     f"{row.details or '—'} | `{row.source}` |")
+        lines.append(f"| {md_cell(row.label)} | {_percent(row.sparsity)} | {row.perplexity:.3f} | {ratio} | "
+                     f"{md_cell(row.details or '—')} | `{md_cell(row.source)}` |")
     if reference is None:
         lines.append("")
         lines.append("No record is labelled `dense`, so no ratio is shown.")
@@ -63,7 +79,7 @@ def projection_table(spec: HybridMaskSpec) -> list[str]:
         total = sum(m.numel() for m in masks)
         kept = sum(m.kept() for m in masks)
         dense = sum(m.dense_tile_fraction() * m.numel() for m in masks)
-        lines.append(f"| {kind} | {len(masks)} | {kept / total:.2%} | {dense / total:.2%} |")
+        lines.append(f"| {md_cell(kind)} | {len(masks)} | {kept / total:.2%} | {dense / total:.2%} |")
     return lines
 
 
@@ -82,6 +98,12 @@ def build_report(run_dir: str | Path) -> Path:
     report file likewise.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PatchsparseError(f"run directory {run_dir} does not exist or is not a directory")
+    # the report replaces these two; refuse before any work when something else has their names
+    for name, is_kind, kind in ((REPORT_FILE, Path.is_file, "file"), (FIGURES_DIR, Path.is_dir, "folder")):
+        if (run_dir / name).exists() and not is_kind(run_dir / name):
+            raise PatchsparseError(f"{run_dir / name} exists and is not a {kind}; move it away to write the report")
     mask_dir = find_mask_dir(run_dir)
     document = read_mask_document(mask_dir)
     spec = load_mask_spec(mask_dir)
@@ -109,7 +131,7 @@ def build_report(run_dir: str | Path) -> Path:
         md += perplexity_table(results)
     else:
         md.append("No result records (`results/*.json`) in this directory.")
-    md += [f"- {note}" for note in result_notes]
+    md += [f"- {md_cell(note)}" for note in result_notes]
     md += ["", "## Density per layer", "",
            "Fraction of weights kept in each masked layer, grouped by decoder block. Above 50%, the "
            "extra weights are dense tiles.", "",
@@ -135,7 +157,8 @@ def build_report(run_dir: str | Path) -> Path:
         md.append(f"({metrics.skipped_lines} unreadable line(s) of `{METRICS_FILE}` skipped.)")
     training = document.get("training") or {}
     if training:
-        md += ["", "## Training settings", "", "```json", json.dumps(training, indent=2, default=str), "```"]
+        text = json.dumps(training, indent=2, default=str)
+        md += ["", "## Training settings", "", _fence(text) + "json", text, _fence(text)]
     md.append("")
 
     with atomic_directory(run_dir / FIGURES_DIR, overwrite=True) as tmp:

@@ -54,8 +54,12 @@ def read_metrics(path: Path) -> Metrics | None:
     """Rows of a metrics.jsonl; lines that are not JSON objects (e.g. a truncated last line) are skipped."""
     if not path.is_file():
         return None
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:  # unreadable: the report goes on without curves
+        return None
     rows, skipped = [], 0
-    for line in path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         if not line.strip():
             continue
         try:
@@ -139,6 +143,9 @@ def read_results(directory: Path) -> tuple[list[ResultRow], list[str]]:
             record = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError):
             notes.append(f"{path.name}: not valid JSON, skipped")
+            continue
+        except OSError as exc:  # a folder or an unreadable file named *.json
+            notes.append(f"{path.name}: cannot be read ({exc.strerror or type(exc).__name__}), skipped")
             continue
         if not isinstance(record, dict):
             notes.append(f"{path.name}: not a result record, skipped")
