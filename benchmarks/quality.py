@@ -18,6 +18,7 @@ checkpoint). `RESULTS.md` and the plot are rebuilt from that file after every me
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -36,23 +37,21 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from patchsparse.cli.run import masked_perplexity  # noqa: E402
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts  # noqa: E402
 from patchsparse.data.corpus import DEFAULT_CORPUS, split_paragraphs  # noqa: E402
 from patchsparse.data.windows import shuffled_blocks  # noqa: E402
 from patchsparse.errors import PatchsparseError  # noqa: E402
 from patchsparse.evaluate import evaluate_perplexity  # noqa: E402
-from patchsparse.extract import extract_masks  # noqa: E402
 from patchsparse.io.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from patchsparse.learn.config import LearnConfig, replace  # noqa: E402
-from patchsparse.learn.masked import remove_masks  # noqa: E402
+from patchsparse.learn.blockwise import BlockwiseConfig  # noqa: E402
+from patchsparse.learn.config import LearnConfig, with_overrides  # noqa: E402
 from patchsparse.learn.presets import preset_config  # noqa: E402
 from patchsparse.learn.priors import build_prior  # noqa: E402
-from patchsparse.learn.trainer import CHECKPOINT_FILE, PRIOR_FILE, learn_masks  # noqa: E402
 from patchsparse.masks.spec import HybridMaskSpec  # noqa: E402
 from patchsparse.models import decoder_layers, load_model, select_linears  # noqa: E402
 from patchsparse.models.builtin import DEFAULT_MODEL  # noqa: E402
 from patchsparse.models.layers import MLP_ONLY, LayerSelection, block_index  # noqa: E402
+from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity  # noqa: E402
 from patchsparse.prior.layerwise import calibrate_layer_by_layer  # noqa: E402
 from patchsparse.prior.oneshot import prune_model  # noqa: E402
 from patchsparse.prior.stats import InputNormStat  # noqa: E402
@@ -68,6 +67,8 @@ OWL_M = 5.0               # OWL outlier threshold: a score is an outlier above M
 OWL_LAMBDA = 0.08         # OWL bound: per-block sparsity within ±λ of the target (continuous form)
 GAP_GOALS = {0.45: 0.30, 0.35: 0.55, 0.25: 0.70}   # fraction of the MaskLLM-to-dense gap to close
 PAPER_GAP = {0.45: 0.21, 0.35: 0.44, 0.25: 0.56}   # what the paper closes on Qwen-2.5 0.5B
+LEVER_DISTILL = 1.0       # distillation share of the lever rows
+LEVER_BLOCKWISE = 64      # steps per block of the block-wise lever rows
 
 
 # ---- method specs ---------------------------------------------------------------------------------
@@ -88,6 +89,9 @@ class MethodSpec:
     tile: tuple[int, int] | None = None   # learned: None = the preset's; (r, FULL_WIDTH) = row stripes
     seed: int = 0                  # learned: training seed (noise, init, window order)
     allocation: str | None = None  # blocks: edges | owl
+    distill: float = 0.0           # learned: share α of the dense-model distillation term
+    reconstruct: str | None = None  # learned: weight reconstruction after extraction (repick | fixed)
+    blockwise: int = 0             # learned: steps per block of block-wise learning (0: end to end)
 
 
 def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (16, FULL_WIDTH))) -> list[MethodSpec]:
@@ -118,6 +122,28 @@ def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (
     for seed in (1, 2):
         specs.append(MethodSpec(f"patch-joint-35%-seed{seed}", "learned", "seeds (PATCH-Joint 35%)",
                                 f"PATCH-Joint 35%, seed {seed}", 0.35, mode="patch-joint", seed=seed))
+    return specs + lever_specs()
+
+
+LEVERS = {"distill": {"distill": LEVER_DISTILL}, "repick": {"reconstruct": "repick"},
+          "distill-repick": {"distill": LEVER_DISTILL, "reconstruct": "repick"},
+          "blockwise": {"blockwise": LEVER_BLOCKWISE}, "blockwise-repick": {"blockwise": LEVER_BLOCKWISE,
+                                                                            "reconstruct": "repick"}}
+
+
+def lever_specs() -> list[MethodSpec]:
+    """PATCH-Tile with distillation and/or weight reconstruction at 25/35/45%, MaskLLM with them at 2:4
+    (fixed-mask reconstruction: re-picking 2:4 groups on a pure 2:4 mask is one-shot SparseGPT)."""
+    specs = []
+    for s in (0.25, 0.35, 0.45):
+        for lever, changes in LEVERS.items():
+            specs.append(MethodSpec(f"patch-tile-{s:.0%}-{lever}", "learned", "levers",
+                                    f"PATCH-Tile {s:.0%} + {lever.replace('-', ' + ')}", s, mode="patch-tile",
+                                    **changes))
+    specs.append(MethodSpec("maskllm-2:4-distill", "learned", "levers", "MaskLLM 2:4 + distill", 0.5,
+                            mode="maskllm", distill=LEVER_DISTILL))
+    specs.append(MethodSpec("maskllm-2:4-fixed", "learned", "levers", "MaskLLM 2:4 + fixed-mask least squares", 0.5,
+                            mode="maskllm", reconstruct="fixed"))
     return specs
 
 
@@ -301,13 +327,14 @@ def learn_config(spec: MethodSpec, settings: dict[str, Any], model: nn.Module) -
         tile = spec.tile
         if tile[1] == FULL_WIDTH:
             tile = (tile[0], max(l.in_features for l in select_linears(model, mask.selection).values()))
-        mask = replace(mask, tile=tile)
-    train = replace(config.train, steps=settings["steps"], seed=spec.seed,
+        mask = with_overrides(mask, tile=tile)
+    train = with_overrides(config.train, steps=settings["steps"], seed=spec.seed,
                     seqlen=settings["train_seqlen"] or config.train.seqlen)
     optim = config.optim
     if settings.get("nm_lr_scale") is not None and spec.mode in ("patch-joint", "maskllm"):
-        optim = replace(optim, nm_lr_scale=settings["nm_lr_scale"])
-    return replace(config, mask=mask, train=train, optim=optim)
+        optim = with_overrides(optim, nm_lr_scale=settings["nm_lr_scale"])
+    objective = with_overrides(config.objective, distill=spec.distill)
+    return with_overrides(config, mask=mask, train=train, optim=optim, objective=objective)
 
 
 def run_dense(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
@@ -373,30 +400,36 @@ def run_blocks(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
 
 def run_learned(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
     config = learn_config(spec, bench.settings, bench.model)
-    # the extraction policy is not part of training: another policy re-extracts the trained logits
+    # neither the extraction policy nor the reconstruction is part of training: rows that differ
+    # only there share one training run (and its checkpoint)
     training_settings = {k: v for k, v in bench.settings.items() if k != "extraction"}
-    key = settings_key({"spec": asdict(spec), "settings": training_settings})[:10]
-    run_dir = bench.out / "learn" / f"{spec.name.replace(':', '-').replace('%', '')}-{key}"
-    resume = (run_dir / CHECKPOINT_FILE).is_file() or (run_dir / PRIOR_FILE).is_file()
+    untrained = dataclasses.replace(spec, reconstruct=None, name="", label="", group="")  # (a None is a value here)
+    key = settings_key({"spec": asdict(untrained),
+                        "settings": training_settings})[:10]
+    run_dir = bench.out / "learn" / f"{spec.mode}-{spec.sparsity:.0%}-{key}"
     prior, prior_seconds = None, 0.0
-    if not resume:
-        tile = None if spec.mode == "maskllm" else config.mask.tile
+    if spec.blockwise or not can_resume(run_dir):
+        tile = config.mask.tile if config.mask.learns_tiles else None
         prior, prior_seconds = bench.prior(spec.pruner, spec.sparsity, tile, config.mask.selection)
-    start = time.perf_counter()
     windows = shuffled_blocks(bench.train_ids, config.train.seqlen, spec.seed)
-    result = learn_masks(bench.model, windows, config, prior, run_dir, resume=resume)
-    target = None if spec.mode == "maskllm" else spec.sparsity
-    masks = extract_masks(bench.model, bench.settings.get("extraction", "exact"), target, spec.mode)
-    remove_masks(bench.model)
-    seconds = prior_seconds + time.perf_counter() - start
-    ppl = {split: masked_perplexity(bench.model, masks, windows_, f"{spec.name} {split}")
+    result = learn_pipeline(bench.model, windows, bench.calibration(), config, spec.pruner, prior=prior,
+                            out_dir=None if spec.blockwise else run_dir,
+                            policy=bench.settings.get("extraction", "exact"), reconstruct=spec.reconstruct,
+                            blockwise=BlockwiseConfig(spec.blockwise) if spec.blockwise else None)
+    seconds = prior_seconds + result.total_seconds
+    ppl = {split: masked_perplexity(bench.model, result.spec, windows_, f"{spec.name} {split}", result.weights)
            for split, windows_ in bench.evals.items()}
     tc = config.train
-    return {"sparsity": global_sparsity(masks, bench.total_weights), "ppl": ppl, "method_seconds": seconds,
-            "calib_tokens": bench.calib_tokens, "train_tokens": tc.steps * tc.windows_per_step * tc.seqlen,
-            "steps": tc.steps, "tile": list(config.mask.tile) if spec.mode != "maskllm" else None,
+    # block-wise rows learn on the calibration windows: each block sees steps × windows-per-step of them
+    train_tokens = (spec.blockwise * BlockwiseConfig().windows_per_step * bench.settings["seqlen"] if spec.blockwise
+                    else tc.steps * tc.windows_per_step * tc.seqlen)
+    return {"sparsity": global_sparsity(result.spec, bench.total_weights), "ppl": ppl, "method_seconds": seconds,
+            "calib_tokens": bench.calib_tokens, "train_tokens": train_tokens,
+            "steps": result.learn.steps_run if spec.blockwise else tc.steps, "tile": list(config.mask.tile) if spec.mode != "maskllm" else None,
             "prior_seconds": round(prior_seconds, 1),
-            "resumed_from": result.resumed_from, "final_lm_loss": result.last_metrics.get("lm_loss")}
+            "stage_seconds": {k: round(v, 1) for k, v in result.seconds.items()},
+            "resumed_from": result.learn.resumed_from, "final_lm_loss": result.learn.last_metrics.get("lm_loss"),
+            "final_kd_loss": result.learn.last_metrics.get("kd_loss")}
 
 
 RUNNERS: dict[str, Callable[[Bench, MethodSpec], dict[str, Any]]] = {

@@ -14,14 +14,15 @@ The layering, bottom to top (LAYERS below). A unit may import only units of lowe
 one layer are peers and do not import one another:
 
     errors                   the one exception type
-    utils, patchsparse       small shared helpers; the package root (version, PatchsparseError)
+    utils, native, patchsparse  small shared helpers; building C++ kernels; the package root
     data                     text -> token windows (knows no model)
     models                   loading models, finding their linear layers
     masks                    the mask spec, N:M patterns, tile math
     io                       mask files, atomic writes, export
     records                  the JSON record of a command
     prior, kernels, evaluate one-shot pruners and priors; hybrid kernels; perplexity and zero-shot
-    learn, extract           mask learning; hard masks from learned logits
+    learn, extract, reconstruct  mask learning; hard masks from learned logits; weight reconstruction
+    pipeline, inference      prior -> learn -> extract -> reconstruct, and scoring; sparse models for generation
     report                   figures and tables from run directories
     cli                      argument parsing, one module per command
     __main__                 `python -m patchsparse`
@@ -42,14 +43,15 @@ from pathlib import Path
 PACKAGE = "patchsparse"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("utils", PACKAGE),
+    ("utils", "native", PACKAGE),
     ("data",),
     ("models",),
     ("masks",),
     ("io",),
     ("records",),
     ("prior", "kernels", "evaluate"),
-    ("learn", "extract"),
+    ("learn", "extract", "reconstruct"),
+    ("pipeline", "inference"),
     ("report",),
     ("cli",),
     ("__main__",),

@@ -79,7 +79,7 @@ def test_eval_seqlen_too_long_is_refused_by_name_before_the_prior(tiny_model_dir
     def no_prior(*args, **kwargs):
         raise AssertionError("the prior must not be computed before the options are checked")
 
-    monkeypatch.setattr(learn_cli, "build_prior", no_prior)
+    monkeypatch.setattr(learn_cli, "learn_prior", no_prior)
     assert main(_args(tiny_model_dir, text_file, tmp_path / "run", "--eval-seqlen", "100000")) == 2
     err = capsys.readouterr().err
     assert "--eval-seqlen 100000 exceeds" in err and "--seqlen 100000" not in err

@@ -47,3 +47,24 @@ def test_main_job_rejects_bad_target(tiny_model_dir, varied_text_file, tmp_path,
     assert _run(tiny_model_dir, varied_text_file, tmp_path / "x", "--sparsity", "0.6") == 2
     assert "outside [0, 0.5]" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_finished_step_is_reused_when_only_settings_it_ignores_change(tmp_path):
+    from dataclasses import replace
+
+    from patchsparse.cli.run import RunSettings, finished_step
+
+    settings = RunSettings(model="m", data="d", sparsity=0.35, mode="patch-tile", prior="sparsegpt", preset="cpu",
+                           calib_windows=32, eval_windows=16, seqlen=512, seed=0)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"settings": settings.as_dict(), "figures": {"perplexity": 1.0}}))
+    learning_changed = replace(settings, distill=1.0, reconstruct="repick", steps=80)
+    assert finished_step(path, "dense", learning_changed) is not None
+    assert finished_step(path, "sparsegpt-2of4", learning_changed) is not None
+    assert finished_step(path, "patch", learning_changed) is None
+    assert finished_step(path, "patch", settings) is not None
+    assert finished_step(path, "dense", replace(settings, eval_windows=8)) is None
+    assert finished_step(path, "sparsegpt-2of4", replace(settings, calib_windows=64)) is None
+    assert finished_step(path, "dense", replace(settings, calib_windows=64)) is not None
+    path.write_text("{not json")
+    assert finished_step(path, "dense", settings) is None

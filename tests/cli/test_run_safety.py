@@ -56,7 +56,7 @@ def test_overwrite_with_a_failing_new_run_keeps_the_old_one(finished_run, tiny_m
                                                            monkeypatch, capfd):
     import shutil
 
-    import patchsparse.cli.learn as learn_cli
+    import patchsparse.pipeline as pipeline
 
     out = Path(shutil.copytree(finished_run, tmp_path / "run"))
     before = tree_digest(tmp_path)
@@ -66,21 +66,21 @@ def test_overwrite_with_a_failing_new_run_keeps_the_old_one(finished_run, tiny_m
     assert tree_digest(tmp_path) == before
 
     # a failure after the old run was set aside (here: the disk fills during training) restores it
-    real = learn_cli.learn_masks
+    real = pipeline.learn_masks
 
     def fails_midway(model, windows, config, prior, out_dir, **kwargs):
         assert not any(p.name == "masks" for p in Path(out_dir).iterdir())  # a fresh directory
         real(model, windows, config, prior, out_dir, **kwargs)  # writes a whole new run …
         raise OSError(28, "No space left on device", str(Path(out_dir) / "masks"))  # … then fails
 
-    monkeypatch.setattr(learn_cli, "learn_masks", fails_midway)
+    monkeypatch.setattr(pipeline, "learn_masks", fails_midway)
     capfd.readouterr()
     assert main(learn(tiny_model_dir, text_file, out, "--overwrite", "--seed", "5")) == 2
     assert capfd.readouterr().err.strip().splitlines()[-1].startswith("patchsparse: error: No space left")
     assert tree_digest(tmp_path) == before  # the old run, byte for byte, and no leftovers beside it
 
     # and a successful overwrite replaces it, leaving nothing beside it
-    monkeypatch.setattr(learn_cli, "learn_masks", real)
+    monkeypatch.setattr(pipeline, "learn_masks", real)
     assert main(learn(tiny_model_dir, text_file, out, "--overwrite", "--seed", "5")) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert '"seed": 5' in (out / "run.json").read_text()

@@ -22,21 +22,22 @@ from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args,
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.windows import shuffled_blocks
 from patchsparse.errors import PatchsparseError
-from patchsparse.evaluate import evaluate_perplexity
-from patchsparse.extract import POLICIES, extract_masks, extraction_report
+from patchsparse.extract import POLICIES, extraction_report
 from patchsparse.io.atomic import set_aside
 from patchsparse.io.lock import directory_lock
+from patchsparse.learn.blockwise import BlockwiseConfig
 from patchsparse.learn.config import MODES, LearnConfig, LinearSchedule, with_overrides
-from patchsparse.learn.masked import remove_masks
 from patchsparse.learn.presets import PRESETS, preset_config
-from patchsparse.learn.priors import PRIOR_METHODS, build_prior
-from patchsparse.learn.trainer import PRIOR_FILE, learn_masks
+from patchsparse.learn.priors import PRIOR_METHODS
+from patchsparse.learn.trainer import PRIOR_FILE
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
 from patchsparse.masks.tiles import TileGrid
 from patchsparse.learn.distributed import DataParallel
 from patchsparse.models import LayerSelection, load_model, resolve_device
+from patchsparse.pipeline import learn_pipeline, learn_prior, masked_perplexity
 from patchsparse.prior.tile_prior import initial_dense_tiles
 from patchsparse.prior.types import PriorMasks
+from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log
 
@@ -66,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--sparse-reg", type=float, help="λ_s")
     g.add_argument("--weight-reg", type=float, help="λ_w")
     g.add_argument("--density-scope", choices=("global", "layer", "block"))
+    g.add_argument("--distill", type=float, metavar="ALPHA",
+                   help="share α of distillation from the dense model: (1-α)·LM loss + α·T²·KL (0: LM only)")
+    g.add_argument("--distill-temperature", type=float, metavar="T", help="temperature T of the distillation term")
     g.add_argument("--tau-nm", type=float, nargs=2, metavar=("START", "END"))
     g.add_argument("--kappa-nm", type=float, nargs=2, metavar=("START", "END"))
     g.add_argument("--tau-tile", type=float, nargs=2, metavar=("START", "END"))
@@ -78,6 +82,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--include", nargs="+", default=None, help="regexes of layer names to mask (default: all decoder linears)")
     p.add_argument("--exclude", nargs="+", default=(), help="regexes of layer names never masked")
     p.add_argument("--policy", choices=POLICIES, default="exact", help="how hard tiles are extracted")
+    p.add_argument("--blockwise", type=int, default=0, metavar="STEPS",
+                   help="learn block by block on the calibration windows, STEPS optimizer steps per block, "
+                        "each block's masks reproducing the dense block's output (0: end to end, the default)")
+    p.add_argument("--blockwise-windows", type=positive_int, default=2, metavar="N",
+                   help="calibration windows per block-wise step (default: 2)")
+    p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="none",
+                   help="after extraction, update the kept weights on the calibration windows (saved beside the "
+                        "masks): repick = dense tiles kept, 2:4 groups re-chosen by SparseGPT; fixed = exact "
+                        "least squares under the learned mask (default: none)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the prior and learned masks on the eval split (default: on; --no-eval skips)")
     p.add_argument("--eval-windows", type=int, default=16,
@@ -104,7 +117,8 @@ def config_from_args(args: argparse.Namespace) -> LearnConfig:
                  if getattr(args, name) is not None}
     sampling = with_overrides(config.sampling, **schedules)
     objective = with_overrides(config.objective, sparse_reg=args.sparse_reg, weight_reg=args.weight_reg,
-                               density_scope=args.density_scope)
+                               density_scope=args.density_scope, distill=args.distill,
+                               distill_temperature=args.distill_temperature)
     optim = with_overrides(config.optim, lr=args.lr, nm_lr_scale=args.nm_lr_scale, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay)
     train = with_overrides(config.train, steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum,
                            seqlen=args.seqlen, seed=args.seed, checkpoint_every=args.checkpoint_every,
@@ -140,28 +154,16 @@ def prior_spec(prior: PriorMasks, config: LearnConfig) -> dict[str, HybridMaskSp
     return specs
 
 
-def masked_perplexity(model: torch.nn.Module, spec: HybridMaskSpec | None, windows: torch.Tensor, desc: str) -> float:
-    """Perplexity with `spec` applied; the weights are restored afterwards."""
-    saved = {}
-    if spec is not None:
-        for name, module in spec.check_matches(model).items():
-            saved[name] = module.weight.detach().clone()
-        spec.apply_(model)
-    try:
-        return evaluate_perplexity(model, windows, desc=desc).perplexity
-    finally:
-        with torch.no_grad():
-            modules = dict(model.named_modules())
-            for name, weight in saved.items():
-                modules[name].weight.copy_(weight)
-
-
 def run_learn(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from patchsparse.learn.distributed import from_environment
 
     config = config_from_args(args)
+    if args.blockwise < 0:
+        raise PatchsparseError(f"--blockwise must be >= 0 steps per block, got {args.blockwise}")
+    if args.blockwise and args.resume:
+        raise PatchsparseError("a block-wise run keeps no checkpoint to resume; run it again without --resume")
     device = resolve_device(args.device)
     check_writable_dir(args.out)
     parallel = from_environment(device.type)
@@ -195,11 +197,13 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
     windows = shuffled_blocks(train_ids, config.train.seqlen, config.train.seed)
     device = next(model.parameters()).device
 
-    prior = None
+    blockwise = BlockwiseConfig(args.blockwise, args.blockwise_windows) if args.blockwise else None
+    prior = calib = None
+    if not (args.resume and (args.out / PRIOR_FILE).is_file()) or args.reconstruct != "none" or blockwise:
+        calib = random_windows(train_ids, args.calib_windows, config.train.seqlen, config.train.seed).to(device)
     if not (args.resume and (args.out / PRIOR_FILE).is_file()):
         start = time.perf_counter()
-        calib = random_windows(train_ids, args.calib_windows, config.train.seqlen, config.train.seed).to(device)
-        prior = build_prior(model, calib, args.prior, config.mask.sparsity, config.mask.tile, config.mask.selection)
+        prior = learn_prior(model, calib, args.prior, config)
         log(f"{args.prior} prior computed in {time.perf_counter() - start:.1f} s")
 
     figures: dict = {}
@@ -214,28 +218,31 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
 
     if replace_old:  # everything is checked: set the old run aside (it comes back if this one fails)
         stack.enter_context(set_aside(args.out))
-    # with --resume, learn_masks continues from the checkpoint, or (killed before the first one)
+    # with --resume, learning continues from the checkpoint, or (killed before the first one)
     # starts afresh from the saved prior
     parallel.barrier()  # the others wait while process 0 evaluates the prior
     shard = config.mask.learns_patterns if args.shard_optimizer is None else args.shard_optimizer
-    result = learn_masks(model, windows, config, prior, args.out, resume=args.resume,
-                         parallel=parallel, shard_optimizer=shard)
+    reconstruct = None if args.reconstruct == "none" or not main else args.reconstruct
+    pipeline = learn_pipeline(model, windows, calib, config, args.prior, prior=prior, out_dir=args.out,
+                              resume=args.resume, policy=args.policy, reconstruct=reconstruct,
+                              metadata={"prior": args.prior, "preset": args.preset},
+                              parallel=parallel, shard_optimizer=shard, blockwise=blockwise)
+    result, spec = pipeline.learn, pipeline.spec
     if not main:
-        remove_masks(model)
         parallel.barrier()  # wait until process 0 has written the masks
         return 0
-    spec = extract_masks(model, args.policy, config.mask.sparsity, config.mask.mode,
-                         metadata={"prior": args.prior, "preset": args.preset})
-    remove_masks(model)
     report = extraction_report(spec)
 
     from patchsparse.io.maskfile import save_mask_spec
 
     save_mask_spec(spec, args.out / MASKS_DIR, identity=loaded.identity, base_model=model, overwrite=True,
+                   updated_weights=pipeline.weights,
                    extra={"learn_config": config.to_dict(), "steps_run": result.steps_run,
-                          "last_metrics": result.last_metrics})
+                          "last_metrics": result.last_metrics, "reconstruction": reconstruct})
     if eval_windows is not None:
-        figures.setdefault("perplexity", {})["learned"] = masked_perplexity(model, spec, eval_windows, "learned")
+        label = "learned" if reconstruct is None else f"learned + {reconstruct} reconstruction"
+        figures.setdefault("perplexity", {})[label] = masked_perplexity(model, spec, eval_windows, label,
+                                                                        pipeline.weights)
 
     print(f"{config.mask.mode}: {config.train.steps} steps ({result.steps_run} run here) in {result.seconds:.1f} s; "
           f"masks in {args.out / MASKS_DIR}")

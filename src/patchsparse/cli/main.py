@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "patchsparse.cli.run",
     "patchsparse.cli.prune",
     "patchsparse.cli.learn",
+    "patchsparse.cli.reconstruct",
     "patchsparse.cli.apply",
     "patchsparse.cli.export",
     "patchsparse.cli.generate",

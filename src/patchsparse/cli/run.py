@@ -22,21 +22,20 @@ from patchsparse.cli.common import add_json_arg, check_seqlen, check_writable_di
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.corpus import DEFAULT_CORPUS
 from patchsparse.data.windows import shuffled_blocks
+from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
-from patchsparse.extract import extract_masks
 from patchsparse.io.atomic import atomic_write_text
 from patchsparse.io.lock import directory_lock
 from patchsparse.io.maskfile import save_mask_spec
-from patchsparse.learn.config import replace
-from patchsparse.learn.masked import remove_masks
+from patchsparse.learn.blockwise import BlockwiseConfig
+from patchsparse.learn.config import LearnConfig, with_overrides
 from patchsparse.learn.presets import preset_config
-from patchsparse.learn.priors import build_prior
-from patchsparse.learn.trainer import CHECKPOINT_FILE, PRIOR_FILE, learn_masks
-from patchsparse.masks.spec import HybridMaskSpec
 from patchsparse.models import load_model, select_linears
 from patchsparse.models.builtin import DEFAULT_MODEL
+from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity
 from patchsparse.prior.oneshot import prune_model
 from patchsparse.prior.tile_prior import check_hybrid_sparsity
+from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log
 
@@ -56,6 +55,9 @@ class RunSettings:
     seqlen: int
     seed: int
     steps: int | None = None  # overrides the preset's number of optimizer steps
+    distill: float | None = None  # overrides the preset's distillation share α
+    reconstruct: str | None = None  # weight reconstruction after extraction (None: none)
+    blockwise: int = 0  # steps per block of block-wise learning (0: end to end)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -75,25 +77,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=positive_int, default=512, help="calibration and evaluation window length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=positive_int, default=None, help="PATCH optimizer steps (default: the preset's)")
+    p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
+                   help="share of the dense-model distillation term in [0, 1] (default: the preset's)")
+    p.add_argument("--blockwise", type=int, default=0, metavar="STEPS",
+                   help="learn block by block on the calibration windows, STEPS steps per block (0: end to end)")
+    p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="none",
+                   help="weight reconstruction of the learned masks (default: none)")
     p.add_argument("--fresh", action="store_true", help="recompute every step instead of reusing finished ones")
     add_json_arg(p)
     p.set_defaults(handler=run_main)
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    """The run's settings, every one checked before anything is loaded."""
     check_hybrid_sparsity(args.sparsity)
-    return RunSettings(model=args.model, data=args.data, sparsity=args.sparsity, mode=args.mode, prior=args.prior,
-                       preset=args.preset, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
-                       seqlen=args.seqlen, seed=args.seed, steps=args.steps)
+    settings = RunSettings(model=args.model, data=args.data, sparsity=args.sparsity, mode=args.mode,
+                           prior=args.prior, preset=args.preset, calib_windows=args.calib_windows,
+                           eval_windows=args.eval_windows, seqlen=args.seqlen, seed=args.seed, steps=args.steps,
+                           distill=args.distill, reconstruct=None if args.reconstruct == "none" else args.reconstruct,
+                           blockwise=args.blockwise)
+    if settings.blockwise < 0:
+        raise PatchsparseError(f"--blockwise must be >= 0 steps per block, got {settings.blockwise}")
+    run_config(settings)
+    return settings
 
 
-def finished_step(path: Path, settings: RunSettings) -> dict[str, Any] | None:
-    """The step's record when it was finished with the same settings, else None."""
+def run_config(settings: RunSettings) -> LearnConfig:
+    """The learning configuration of the PATCH step: the preset with the run's overrides."""
+    config = preset_config(settings.preset, settings.mode, settings.sparsity)
+    config = with_overrides(config, train=with_overrides(config.train, steps=settings.steps),
+                            objective=with_overrides(config.objective, distill=settings.distill))
+    config.check()
+    return config
+
+
+# The settings each step's result depends on: the dense and SparseGPT rows are reused when only
+# the PATCH settings change (the PATCH step depends on every setting).
+STEP_SETTINGS = {
+    "dense": ("model", "data", "eval_windows", "seqlen"),
+    "sparsegpt-2of4": ("model", "data", "eval_windows", "seqlen", "calib_windows", "seed"),
+}
+
+
+def finished_step(path: Path, name: str, settings: RunSettings) -> dict[str, Any] | None:
+    """The step's record when it was finished with the same settings (those it depends on), else None."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if record.get("settings") == settings.as_dict() else None
+    saved, current = record.get("settings"), settings.as_dict()
+    if not isinstance(saved, dict):
+        return None
+    keys = STEP_SETTINGS.get(name, tuple(current))
+    return record if all(saved.get(k) == current[k] for k in keys) else None
 
 
 @torch.no_grad()
@@ -105,17 +141,6 @@ def _snapshot(linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
 def _restore(linears: dict[str, nn.Linear], saved: dict[str, torch.Tensor]) -> None:
     for name, module in linears.items():
         module.weight.copy_(saved[name])
-
-
-def masked_perplexity(model: nn.Module, spec: HybridMaskSpec, windows: torch.Tensor, desc: str) -> float:
-    """Perplexity with `spec` applied; the original weights are put back afterwards."""
-    linears = spec.check_matches(model)
-    saved = _snapshot(linears)
-    try:
-        spec.apply_(model)
-        return evaluate_perplexity(model, windows, desc=desc).perplexity
-    finally:
-        _restore(linears, saved)
 
 
 def run_main(args: argparse.Namespace) -> int:
@@ -144,7 +169,7 @@ def _run_main(args: argparse.Namespace, settings: RunSettings) -> int:
 
     def step(name: str, label: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         path = out / RESULTS / f"{name}.json"
-        record = None if args.fresh else finished_step(path, settings)
+        record = None if args.fresh else finished_step(path, name, settings)
         if record is not None:
             log(f"[{label}] reusing {path}")
             return record["figures"]
@@ -177,24 +202,23 @@ def _run_main(args: argparse.Namespace, settings: RunSettings) -> int:
                 "masks": str(out / "baselines" / "sparsegpt-2of4")}
 
     def patch() -> dict[str, Any]:
-        config = preset_config(settings.preset, settings.mode, settings.sparsity)
-        if settings.steps is not None:
-            config = replace(config, train=replace(config.train, steps=settings.steps))
-        resume = (out / CHECKPOINT_FILE).is_file() or (out / PRIOR_FILE).is_file()
-        prior = None
-        if not resume:
-            prior = build_prior(model, calibration(), settings.prior, settings.sparsity, config.mask.tile,
-                                config.mask.selection)
+        config = run_config(settings)
         windows = shuffled_blocks(train_ids, config.train.seqlen, settings.seed)
-        result = learn_masks(model, windows, config, prior, out, resume=resume)
-        spec = extract_masks(model, "exact", settings.sparsity, settings.mode,
-                             metadata={"prior": settings.prior, "preset": settings.preset})
-        remove_masks(model)
+        blockwise = BlockwiseConfig(settings.blockwise) if settings.blockwise else None
+        needs_calibration = blockwise is not None or settings.reconstruct is not None or not can_resume(out)
+        result = learn_pipeline(model, windows, calibration() if needs_calibration else None, config,
+                                settings.prior, out_dir=out, reconstruct=settings.reconstruct, blockwise=blockwise,
+                                metadata={"prior": settings.prior, "preset": settings.preset})
+        spec = result.spec
         save_mask_spec(spec, out / "masks", identity=loaded.identity, base_model=model, overwrite=True,
-                       extra={"learn_config": config.to_dict(), "steps_run": result.steps_run})
-        perplexity = masked_perplexity(model, spec, eval_windows, f"PATCH {settings.sparsity:.0%} perplexity")
+                       updated_weights=result.weights,
+                       extra={"learn_config": config.to_dict(), "steps_run": result.learn.steps_run,
+                              "reconstruction": settings.reconstruct})
+        perplexity = masked_perplexity(model, spec, eval_windows, f"PATCH {settings.sparsity:.0%} perplexity",
+                                       result.weights)
         return {"perplexity": perplexity, "sparsity": spec.sparsity(), "corpus": corpus.name,
-                "steps": config.train.steps, "masks": str(out / "masks")}
+                "steps": config.train.steps, "masks": str(out / "masks"),
+                "seconds_by_stage": {k: round(v, 1) for k, v in result.seconds.items()}}
 
     started = time.perf_counter()
     rows = [

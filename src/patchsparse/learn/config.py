@@ -94,12 +94,20 @@ class ObjectiveConfig:
     sparse_reg: float = 7.0        # λ_s; unused in maskllm mode (density is always 0.5)
     weight_reg: float = 10.0       # λ_w, decays linearly to 0
     density_scope: str = "global"  # global | layer | block
+    # Distillation from the dense model (the same weights with the masks off): the task term is
+    # (1 − α)·L_LM + α·T²·KL(p_dense^T ‖ p_masked^T) over every position; α = 0 is the published L_LM.
+    distill: float = 0.0           # α
+    distill_temperature: float = 1.0  # T
 
     def check(self) -> None:
         if self.density_scope not in DENSITY_SCOPES:
             raise PatchsparseError(f"unknown density scope '{self.density_scope}' (choose {', '.join(DENSITY_SCOPES)})")
         if self.sparse_reg < 0 or self.weight_reg < 0:
             raise PatchsparseError("regulariser weights must be non-negative")
+        if not 0.0 <= self.distill <= 1.0:
+            raise PatchsparseError(f"the distillation share must be in [0, 1], got {self.distill}")
+        if not self.distill_temperature > 0:
+            raise PatchsparseError(f"the distillation temperature must be positive, got {self.distill_temperature}")
 
 
 @dataclass(frozen=True)
@@ -184,7 +192,3 @@ def with_overrides(config: Any, **changes: Any) -> Any:
     `dataclasses.replace`, which would set them."""
     return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
 
-
-# The former name, which reads like `dataclasses.replace` but drops `None`s; kept only until its last
-# importers (cli/run.py, benchmarks/quality.py) use `with_overrides`.
-replace = with_overrides

@@ -40,14 +40,15 @@ from patchsparse.masks.tiles import TileGrid
 from patchsparse.models.layers import block_index, select_linears
 from patchsparse.prior.types import PriorMasks
 
-SAMPLE, EXPECTED, HARD = "sample", "expected", "hard"
+SAMPLE, EXPECTED, HARD, OFF = "sample", "expected", "hard", "off"
 
 
 class MaskSampler:
     """Sampling state shared by the masks of one model.
 
     mode: `sample` (Gumbel noise, training), `expected` (no noise: the soft masks at the current
-    τ, κ) or `hard` (arg-max patterns, tiles dense where ℓ > 0: the threshold-extracted model).
+    τ, κ), `hard` (arg-max patterns, tiles dense where ℓ > 0: the threshold-extracted model) or
+    `off` (no mask at all: the dense model, the distillation teacher).
     """
 
     def __init__(self, noise: NoiseTable | None) -> None:
@@ -161,6 +162,8 @@ class HybridMask(nn.Module):
     # ---- the parametrization ------------------------------------------------------------------
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         s = self.sampler
+        if s.mode == OFF:
+            return weight
         wants_norm = bool(s.weight_reg_grad) and torch.is_grad_enabled() and s.mode != HARD
         if s.mode != HARD and not (s.hard_nm and self.pattern_logits is not None) and fused_available(weight):
             noise = None if self.pattern_logits is None else s.pattern_noise(self.index, self.pattern_logits.shape)

@@ -1,7 +1,7 @@
 """Where mask learning gets its prior from.
 
-`build_prior` calls the one-shot pruners (`patchsparse.prior.oneshot.compute_prior`) when they
-are installed; `magnitude_prior` is the pure-magnitude prior (2:4 by |W|, tile scores = fraction
+`build_prior` calls the one-shot pruners (`patchsparse.prior.oneshot.compute_prior`);
+`magnitude_prior` is the pure-magnitude prior (2:4 by |W|, tile scores = fraction
 of each tile kept by unstructured magnitude pruning at the target, one threshold per layer).
 """
 
@@ -33,13 +33,10 @@ def magnitude_prior(model: nn.Module, sparsity: float, tile: tuple[int, int],
 
 
 def build_prior(model: nn.Module, calib_windows: torch.Tensor | None, method: str, sparsity: float,
-                tile: tuple[int, int], selection: LayerSelection = LayerSelection()) -> PriorMasks:
+                tile: tuple[int, int] | None, selection: LayerSelection = LayerSelection()) -> PriorMasks:
+    """2:4 masks, and with `tile` also tile scores, from a one-shot pruner."""
     if method not in PRIOR_METHODS:
         raise PatchsparseError(f"unknown prior '{method}' (choose {', '.join(PRIOR_METHODS)})")
-    try:
-        from patchsparse.prior.oneshot import compute_prior
-    except ImportError:
-        if method != "magnitude":
-            raise PatchsparseError(f"the '{method}' prior needs patchsparse.prior.oneshot, which this installation lacks") from None
-        return magnitude_prior(model, sparsity, tile, selection)
+    from patchsparse.prior.oneshot import compute_prior
+
     return compute_prior(model, calib_windows, method, sparsity, tile, selection)

@@ -38,8 +38,8 @@ from patchsparse.errors import PatchsparseError
 from patchsparse.io.atomic import atomic_write_text, atomic_write_with
 from patchsparse.learn.config import LearnConfig, TrainConfig
 from patchsparse.learn.distributed import SINGLE, DataParallel, optimizer_state_for_checkpoint
-from patchsparse.learn.masked import HARD, SAMPLE, MaskedModel, attach_masks, remove_masks
-from patchsparse.learn.objective import sparsity_regulariser, weight_magnitude_ratio
+from patchsparse.learn.masked import HARD, OFF, SAMPLE, MaskedModel, attach_masks, remove_masks
+from patchsparse.learn.objective import distillation_loss, sparsity_regulariser, weight_magnitude_ratio
 from patchsparse.learn.schedules import cosine_lr
 from patchsparse.masks.tiles import TileGrid
 from patchsparse.models.layers import block_index
@@ -239,6 +239,17 @@ def make_optimizer(masked: MaskedModel, config: LearnConfig, parallel: DataParal
                                    weight_decay=oc.weight_decay, fused=fused)
 
 
+@torch.no_grad()
+def dense_logits(model: nn.Module, masked: MaskedModel, batch: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits: the same model with every mask switched off (no second copy of the weights)."""
+    mode = masked.sampler.mode
+    masked.sampler.mode = OFF
+    try:
+        return model(input_ids=batch, use_cache=False).logits
+    finally:
+        masked.sampler.mode = mode
+
+
 def train_step(model: nn.Module, masked: MaskedModel, optimizer: torch.optim.Optimizer, config: LearnConfig,
                step: int, batches: list[torch.Tensor], parallel: DataParallel = SINGLE) -> dict[str, Any]:
     """One optimizer step over its micro-batches (token ids (B, T) each); returns the step's metrics.
@@ -256,13 +267,22 @@ def train_step(model: nn.Module, masked: MaskedModel, optimizer: torch.optim.Opt
     lr = cosine_lr(step, tc.steps, oc.lr, oc.warmup_steps, oc.min_lr_ratio)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    lm_total = 0.0
+    alpha, temperature = config.objective.distill, config.objective.distill_temperature
+    lm_total = kd_total = 0.0
     for batch in batches:
-        lm_loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        (lm_loss / len(batches)).backward()
-        lm_total += float(lm_loss.detach()) / len(batches)
+        teacher = dense_logits(model, masked, batch) if alpha > 0 else None
+        out = model(input_ids=batch, labels=batch, use_cache=False)
+        task = out.loss
+        if teacher is not None:
+            kd = distillation_loss(out.logits, teacher, temperature)
+            task = (1.0 - alpha) * out.loss + alpha * kd
+            kd_total += float(kd.detach()) / len(batches)
+        (task / len(batches)).backward()
+        lm_total += float(out.loss.detach()) / len(batches)
     parallel.average_gradients_(params)
     lm_total = parallel.mean(lm_total)
+    kd_total = parallel.mean(kd_total) if alpha > 0 else None
+    task_total = lm_total if kd_total is None else (1.0 - alpha) * lm_total + alpha * kd_total
     if mc.learns_tiles:
         reg, density = sparsity_regulariser(masked, mc.sparsity, config.objective.density_scope)
         if config.objective.sparse_reg > 0:
@@ -277,9 +297,9 @@ def train_step(model: nn.Module, masked: MaskedModel, optimizer: torch.optim.Opt
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     decay = 1.0 - step / tc.steps
-    loss = lm_total + config.objective.sparse_reg * reg_value - (
+    loss = task_total + config.objective.sparse_reg * reg_value - (
         config.objective.weight_reg * decay * r_w if r_w is not None else 0.0)
-    return {"step": step, "lr": lr, "loss": loss, "lm_loss": lm_total, "sparse_reg": reg_value,
+    return {"step": step, "lr": lr, "loss": loss, "lm_loss": lm_total, "kd_loss": kd_total, "sparse_reg": reg_value,
             "weight_reg_ratio": r_w, "density": density, "hard_density": _hard_density(masked),
             "tau_nm": sampler.tau_nm, "kappa_nm": sampler.kappa_nm, "tau_tile": sampler.tau_tile,
             "kappa_tile": sampler.kappa_tile, "grad_norm": grad_norm,

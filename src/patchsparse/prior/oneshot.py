@@ -14,7 +14,7 @@ before it) and share the per-linear step:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -125,6 +125,21 @@ def check_request(model: nn.Module, selection: LayerSelection, method: str, patt
     return linears
 
 
+def check_dense_tiles(linears: dict[str, nn.Linear], dense_tiles: Mapping[str, torch.Tensor],
+                      tile: tuple[int, int]) -> None:
+    """A given allocation names every selected linear (and no other) with its tile grid's shape."""
+    missing = sorted(set(linears) - set(dense_tiles))
+    extra = sorted(set(dense_tiles) - set(linears))
+    if missing or extra:
+        raise PatchsparseError(f"the dense-tile allocation does not match the selected layers "
+                               f"(missing {missing[:3]}, unknown {extra[:3]})")
+    for name, linear in linears.items():
+        grid = TileGrid(*linear.weight.shape, *tile)
+        if tuple(dense_tiles[name].shape) != grid.shape:
+            raise PatchsparseError(f"dense tiles of '{name}' have shape {tuple(dense_tiles[name].shape)}, "
+                                   f"its tile grid {grid.shape}")
+
+
 def compute_prior(model: nn.Module, calib_windows: torch.Tensor | None, method: str, sparsity: float | None,
                   tile: tuple[int, int] | None, selection: LayerSelection = LayerSelection(), n: int = 2, m: int = 4,
                   *, options: SparseGPTOptions = SparseGPTOptions(), batch_size: int = 1) -> PriorMasks:
@@ -166,7 +181,7 @@ def prune_model(model: nn.Module, calib_windows: torch.Tensor | None, method: st
                 pattern: PrunePattern | str = "2:4", sparsity: float | None = None, *,
                 tile: tuple[int, int] | None = None, selection: LayerSelection = LayerSelection(),
                 update_weights: bool = True, options: SparseGPTOptions = SparseGPTOptions(),
-                batch_size: int = 1) -> HybridMaskSpec:
+                batch_size: int = 1, dense_tiles: Mapping[str, torch.Tensor] | None = None) -> HybridMaskSpec:
     """One-shot prune `model` IN PLACE and return the masks as a `HybridMaskSpec`.
 
     Afterwards every selected linear holds its pruned weight: the original weight times the mask,
@@ -177,12 +192,22 @@ def prune_model(model: nn.Module, calib_windows: torch.Tensor | None, method: st
     [0, 1)), or, with `tile`, a 50% N:M pattern mixed with dense tiles at `sparsity` in [0, 0.5]
     (the one-shot PATCH prior: each layer's best tiles dense, the rest N:M; SparseGPT then never
     prunes inside dense tiles).
+
+    `dense_tiles` (with `tile`): each layer's dense tiles, bool (R, C), given instead of chosen by
+    the layer's own scores — e.g. a learned allocation, whose sparse tiles SparseGPT then prunes
+    with its weight update (`patchsparse.reconstruct`). `sparsity` is then ignored.
     """
+    if dense_tiles is not None:
+        if tile is None:
+            raise PatchsparseError("given dense tiles need the tile size they were cut with")
+        sparsity = 0.0 if sparsity is None else sparsity  # only checked: the allocation is given
     if isinstance(pattern, str):
         pattern = PrunePattern.parse(pattern, sparsity if (tile is None or pattern.strip().lower() == "unstructured") else None)
     elif tile is None:
         pattern.check_sparsity(sparsity)
-    check_request(model, selection, method, pattern, tile, sparsity, calib_windows, options)
+    linears = check_request(model, selection, method, pattern, tile, sparsity, calib_windows, options)
+    if dense_tiles is not None:
+        check_dense_tiles(linears, dense_tiles, tile)
     layers: dict[str, LayerMask] = {}
     fallbacks: list[str] = []
 
@@ -191,8 +216,11 @@ def prune_model(model: nn.Module, calib_windows: torch.Tensor | None, method: st
             weight = linear.weight
             used = method_for(method, stats.get(name), name, fallbacks)
             dense = force = None
-            if tile is not None:
+            if dense_tiles is not None:
+                dense = dense_tiles[name].cpu().bool()
+            elif tile is not None:
                 dense = tile_prior(used, weight, stats.get(name), tile, sparsity, options).dense
+            if dense is not None:
                 force = TileGrid(*weight.shape, *tile).expand(dense).to(weight.device)
             keep, updated = method_mask(used, weight, stats.get(name), pattern, options, force_keep=force)
             layers[name] = LayerMask(keep.cpu(), pattern.label, tile, dense)
@@ -207,7 +235,8 @@ def prune_model(model: nn.Module, calib_windows: torch.Tensor | None, method: st
         "mode": "oneshot",
         "method": method,
         "pattern": pattern.label,
-        "target_sparsity": sparsity if tile is not None else pattern.sparsity,
+        "target_sparsity": (None if dense_tiles is not None else sparsity) if tile is not None else pattern.sparsity,
+        "allocation": "given" if dense_tiles is not None else ("tile scores" if tile is not None else None),
         "tile": list(tile) if tile is not None else None,
         "weights_updated": bool(method == "sparsegpt" and update_weights),
         **({"magnitude_fallback": fallbacks, "min_calibration_tokens": MIN_CALIBRATION_TOKENS} if fallbacks else {}),

@@ -1,0 +1,143 @@
+"""Block-wise (local) mask learning: each decoder block's mask logits are trained to reproduce the
+dense block's output on calibration activations, one block at a time (as BESA does for per-row
+sparsity), instead of the whole model's language-model loss.
+
+For block b, with X_b its inputs (the outputs of the blocks before it, masked):
+  L_b = ‖f_b(X_b; W ⊙ M̃) − f_b(X_b; W)‖² / ‖f_b(X_b; W) − X_b‖²  +  λ_s·R_s(block b's masks)
+The denominator is the block's own contribution to the residual stream, so the loss is a relative
+error whatever the stream's scale. τ and κ anneal over each block's steps as they do over a whole
+run. After its steps a block's hard masks (threshold) produce the next block's inputs, so every
+block learns to correct what the blocks before it lost. The masks stay attached: extraction
+(`exact` by default) then ranks all tiles of all blocks together, which keeps the global target.
+
+Why: a step touches one block and no LM head, so hundreds of steps per block cost about what a
+few dozen end-to-end steps do, and the target (a whole hidden state per token) carries far more
+signal than one next-token label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from patchsparse.errors import PatchsparseError
+from patchsparse.learn.config import LearnConfig
+from patchsparse.learn.masked import HARD, OFF, SAMPLE, MaskedModel, attach_masks
+from patchsparse.learn.objective import sparsity_regulariser
+from patchsparse.learn.schedules import cosine_lr
+from patchsparse.models.layers import block_index, decoder_layers
+from patchsparse.prior.layerwise import LayerInputs, capture_layer_inputs
+from patchsparse.prior.types import PriorMasks
+from patchsparse.utils import progress
+
+
+@dataclass(frozen=True)
+class BlockwiseConfig:
+    steps: int = 64           # optimizer steps per block
+    windows_per_step: int = 2  # calibration windows in one step's batch
+
+    def check(self) -> None:
+        if self.steps < 1 or self.windows_per_step < 1:
+            raise PatchsparseError("block-wise learning needs at least one step and one window per step")
+
+
+def relative_block_error(output: torch.Tensor, target: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
+    """‖output − target‖² / ‖target − input‖²: the error relative to what the block adds. -> scalar"""
+    return (output.float() - target.float()).pow(2).sum() / (target.float() - block_input.float()).pow(2).sum().clamp_min(1e-12)
+
+
+def _layer_output(layer: nn.Module, x: torch.Tensor, inputs: LayerInputs, index: int) -> torch.Tensor:
+    size = x.shape[0]
+    out = layer(x, *inputs.extra_args[index][size], **inputs.kwargs[index][size])
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def _outputs(layer: nn.Module, inputs: LayerInputs, index: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([_layer_output(layer, x[rows], inputs, index) for rows in inputs.batches()])
+
+
+def learn_blockwise(model: nn.Module, calib_windows: torch.Tensor, config: LearnConfig, prior: PriorMasks | None,
+                    blockwise: BlockwiseConfig = BlockwiseConfig(),
+                    on_block_end: Callable[[int, dict], None] | None = None) -> MaskedModel:
+    """Attach masks to `model` and learn them block by block on `calib_windows` (n, seqlen).
+
+    Returns with the masks attached (extract, then remove, as after `learn_masks`). Uses the
+    config's mask, sampling, sparsity regulariser and optimizer settings; `blockwise.steps` replaces
+    the number of steps (per block), and R_w is not used (the reconstruction target already keeps
+    the weights that matter).
+    """
+    config.check()
+    blockwise.check()
+    if calib_windows.dim() != 2 or calib_windows.shape[0] < 1:
+        raise PatchsparseError(f"block-wise learning needs calibration windows (n, seqlen), got {tuple(calib_windows.shape)}")
+    local = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, steps=blockwise.steps, grad_accum=1),
+        objective=dataclasses.replace(config.objective, weight_reg=0.0))
+    masked = attach_masks(model, local, prior)
+    sampler, mc = masked.sampler, local.mask
+    _, layers = decoder_layers(model, mc.selection.decoder_path)
+    blocks: dict[int, list[str]] = {}
+    for name in masked.masks:
+        blocks.setdefault(block_index(name), []).append(name)
+    device = masked.parameters()[0].device
+    sampler.mode = OFF
+    inputs = capture_layer_inputs(model, calib_windows.to(device), layers, blockwise.windows_per_step)
+    batches = list(inputs.batches())
+    generator = torch.Generator().manual_seed(config.train.seed)
+    try:
+        for index in progress(range(max(blocks) + 1), desc=f"learn {mc.mode} block-wise", unit="block"):
+            layer = layers[index]
+            x = inputs.hidden
+            if index in blocks:
+                sampler.mode = OFF
+                target = _outputs(layer, inputs, index, x)
+                metrics = _learn_block(layer, index, inputs, x, target, masked, blocks[index], local, batches,
+                                       generator)
+                if on_block_end is not None:
+                    on_block_end(index, metrics)
+            sampler.mode = HARD  # the next block learns on what this one will really give it
+            inputs.hidden = _outputs(layer, inputs, index, x)
+    finally:
+        sampler.mode = HARD
+    return masked
+
+
+def _learn_block(layer: nn.Module, index: int, inputs: LayerInputs, x: torch.Tensor, target: torch.Tensor,
+                 masked: MaskedModel, names: list[str], config: LearnConfig, batches: list[slice],
+                 generator: torch.Generator) -> dict:
+    mc, oc, steps = config.mask, config.optim, config.train.steps
+    sampler = masked.sampler
+    block = MaskedModel({n: masked.masks[n] for n in names}, sampler, 1.0)
+    params = block.parameters()
+    tile_params = [masked.masks[n].tile_logits for n in names if masked.masks[n].tile_logits is not None]
+    nm_params = [masked.masks[n].pattern_logits for n in names if masked.masks[n].pattern_logits is not None]
+    groups = [g for g in ({"params": tile_params, "lr_scale": 1.0},
+                          {"params": nm_params, "lr_scale": oc.nm_lr_scale}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay)
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    error = reg_value = 0.0
+    with torch.enable_grad():
+        for step in range(steps):
+            sampler.mode = SAMPLE
+            sampler.set_step(step, config, 1.0)
+            lr = cosine_lr(step, steps, oc.lr, oc.warmup_steps, oc.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            rows = batches[order[step % len(order)]]
+            loss = relative_block_error(_layer_output(layer, x[rows], inputs, index), target[rows], x[rows])
+            error = float(loss.detach())
+            if mc.learns_tiles and config.objective.sparse_reg > 0:
+                reg, _ = sparsity_regulariser(block, mc.sparsity, "global")
+                loss = loss + config.objective.sparse_reg * reg
+                reg_value = float(reg.detach())
+            loss.backward()
+            if oc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, oc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {"block": index, "relative_error": error, "sparse_reg": reg_value}

@@ -1,0 +1,143 @@
+"""The learned-mask pipeline in one place: prior → learn → extract → remove → (reconstruct), and scoring.
+
+`patchsparse run`, `patchsparse learn` and the quality benchmark all go through `learn_pipeline`,
+so a lever added here (distillation, reconstruction, a new prior) reaches every one of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from patchsparse.errors import PatchsparseError
+from patchsparse.evaluate import evaluate_perplexity
+from patchsparse.extract import extract_masks
+from patchsparse.learn.blockwise import BlockwiseConfig, learn_blockwise
+from patchsparse.learn.config import LearnConfig
+from patchsparse.learn.distributed import SINGLE, DataParallel
+from patchsparse.learn.masked import remove_masks
+from patchsparse.learn.priors import build_prior
+from patchsparse.learn.trainer import CHECKPOINT_FILE, PRIOR_FILE, LearnResult, learn_masks, load_prior, save_prior
+from patchsparse.masks.spec import HybridMaskSpec
+from patchsparse.models.layers import block_index
+from patchsparse.prior.types import PriorMasks
+from patchsparse.utils import log
+
+
+def can_resume(run_dir: Path | None) -> bool:
+    """A run directory holds a checkpoint or at least the prior of a run that was started."""
+    return run_dir is not None and ((run_dir / CHECKPOINT_FILE).is_file() or (run_dir / PRIOR_FILE).is_file())
+
+
+@torch.no_grad()
+def masked_perplexity(model: nn.Module, spec: HybridMaskSpec | None, windows: torch.Tensor, desc: str,
+                      weights: dict[str, torch.Tensor] | None = None) -> float:
+    """Perplexity with `spec` applied (over `weights`, e.g. reconstructed ones, when given); the
+    model's weights are put back afterwards. `spec=None` scores the model as it is."""
+    if spec is None:
+        return evaluate_perplexity(model, windows, desc=desc).perplexity
+    linears = spec.check_matches(model)
+    saved = {name: module.weight.detach().clone() for name, module in linears.items()}
+    try:
+        for name, weight in (weights or {}).items():
+            linears[name].weight.copy_(weight.to(linears[name].weight.dtype))
+        spec.apply_(model)
+        return evaluate_perplexity(model, windows, desc=desc).perplexity
+    finally:
+        for name, module in linears.items():
+            module.weight.copy_(saved[name])
+
+
+@dataclass
+class PipelineResult:
+    spec: HybridMaskSpec                      # the hard masks (after reconstruction, its masks)
+    learn: LearnResult
+    prior: PriorMasks | None                  # None when the run resumed from a saved prior
+    weights: dict[str, torch.Tensor] | None   # reconstructed weights of the masked linears (CPU), if any
+    seconds: dict[str, float] = field(default_factory=dict)  # prior / learn / reconstruct
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
+def learn_prior(model: nn.Module, calib_windows: torch.Tensor | None, method: str, config: LearnConfig) -> PriorMasks:
+    """The one-shot prior a run of `config` starts from. maskllm uses no tile scores, so its 2:4
+    prior is calibrated without dense tiles."""
+    tile = config.mask.tile if config.mask.learns_tiles else None
+    return build_prior(model, calib_windows, method, config.mask.sparsity, tile, config.mask.selection)
+
+
+def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows: torch.Tensor | None,
+                   config: LearnConfig, prior_method: str, *, prior: PriorMasks | None = None,
+                   out_dir: Path | None = None, resume: bool | None = None,
+                   policy: str = "exact", reconstruct: str | None = None, metadata: dict[str, Any] | None = None,
+                   parallel: DataParallel = SINGLE, shard_optimizer: bool = False,
+                   blockwise: BlockwiseConfig | None = None) -> PipelineResult:
+    """Learn masks on `model` and return them extracted, with the model's dense weights back.
+
+    prior: a prior already computed with `prior_method` (e.g. shared by several runs); else it is
+    computed here. resume: None resumes whenever `out_dir` holds a started run (`can_resume`); the
+    saved prior is then reused and no calibration runs. reconstruct: None, "repick" or "fixed"
+    (`patchsparse.reconstruct`); the reconstructed weights are returned, the model keeps its own.
+    blockwise: learn block by block on the calibration windows (`learn.blockwise`) instead of
+    end to end on `train_windows`; such a run keeps no checkpoint (it takes minutes): resuming it
+    reuses only the saved prior. Under data parallelism every process calls this; only process 0's result is meaningful after
+    extraction (the others return it too, for symmetry).
+    """
+    if resume is None:
+        resume = can_resume(out_dir)
+    seconds: dict[str, float] = {}
+    if resume and out_dir is not None and (out_dir / PRIOR_FILE).is_file():
+        prior = load_prior(out_dir / PRIOR_FILE)  # the run's own prior, whatever was passed
+    elif prior is None:
+        start = time.perf_counter()
+        prior = learn_prior(model, calib_windows, prior_method, config)
+        seconds["prior"] = time.perf_counter() - start
+        log(f"{prior_method} prior computed in {seconds['prior']:.1f} s")
+    if blockwise is not None:
+        if parallel.active:
+            raise PatchsparseError("block-wise learning runs in one process; launch it without torchrun")
+        if out_dir is not None and prior is not None and not (out_dir / PRIOR_FILE).is_file():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_prior(prior, out_dir / PRIOR_FILE)
+        start = time.perf_counter()
+        masked = learn_blockwise(model, calib_windows, config, prior, blockwise)
+        blocks = len({block_index(name) for name in masked.masks})
+        result = LearnResult(masked=masked, config=config, steps_run=blockwise.steps * blocks, resumed_from=None,
+                             seconds=time.perf_counter() - start)
+    else:
+        result = learn_masks(model, train_windows, config, prior, out_dir, resume=resume, parallel=parallel,
+                             shard_optimizer=shard_optimizer)
+    seconds["learn"] = result.seconds
+    target = None if config.mask.mode == "maskllm" else config.mask.sparsity
+    spec = extract_masks(model, policy, target, config.mask.mode, metadata=metadata)
+    remove_masks(model)
+    weights = None
+    if reconstruct is not None:
+        spec, weights, seconds["reconstruct"] = reconstructed(model, spec, calib_windows, reconstruct)
+    return PipelineResult(spec, result, prior, weights, seconds)
+
+
+def reconstructed(model: nn.Module, spec: HybridMaskSpec, calib_windows: torch.Tensor | None,
+                  mode: str) -> tuple[HybridMaskSpec, dict[str, torch.Tensor], float]:
+    """(new spec, reconstructed weights on CPU, seconds); the model keeps its dense weights."""
+    from patchsparse.reconstruct import reconstruct_model, updated_weights
+
+    start = time.perf_counter()
+    linears = spec.check_matches(model)
+    dense = {name: module.weight.detach().clone() for name, module in linears.items()}
+    try:
+        new = reconstruct_model(model, spec, calib_windows, mode)
+        weights = updated_weights(model, new)
+    finally:
+        with torch.no_grad():
+            for name, module in linears.items():
+                module.weight.copy_(dense[name])
+    new.metadata["weights_updated"] = True
+    return new, weights, time.perf_counter() - start

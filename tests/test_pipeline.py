@@ -1,0 +1,103 @@
+"""The learned-mask pipeline: one path through prior, learning, extraction and reconstruction."""
+
+import pytest
+import torch
+
+from patchsparse.cli.main import main
+from patchsparse.io.maskfile import apply_mask_dir, load_mask_spec, load_updated_weights
+from patchsparse.learn.trainer import CHECKPOINT_FILE
+from patchsparse.models import select_linears
+from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity
+from tests.conftest import build_tiny_llama
+from tests.learn.helpers import tiny_config, tiny_windows
+
+
+def _dense(model):
+    return {n: l.weight.detach().clone() for n, l in select_linears(model).items()}
+
+
+@pytest.mark.parametrize("reconstruct", [None, "repick", "fixed"])
+def test_pipeline_returns_masks_and_leaves_the_dense_weights(tiny_tokenizer, tmp_path, reconstruct):
+    vocab = len(tiny_tokenizer)
+    model = build_tiny_llama(vocab)
+    dense = _dense(model)
+    config = tiny_config("patch-tile", steps=2)
+    calib = tiny_windows(vocab, n=4, seed=1)
+    result = learn_pipeline(model, tiny_windows(vocab), calib, config, "sparsegpt", out_dir=tmp_path / "run",
+                            reconstruct=reconstruct)
+    assert not any(hasattr(l, "parametrizations") for l in select_linears(model).values())  # masks removed
+    assert all(torch.equal(l.weight, dense[n]) for n, l in select_linears(model).items())
+    assert result.spec.sparsity() == pytest.approx(0.35, abs=0.05)
+    assert set(result.seconds) == {"prior", "learn"} | ({"reconstruct"} if reconstruct else set())
+    if reconstruct is None:
+        assert result.weights is None
+    else:
+        assert set(result.weights) == set(result.spec.layers)
+        for name, weight in result.weights.items():
+            keep = result.spec.layers[name].keep_mask()
+            assert torch.equal(weight[~keep], torch.zeros(int((~keep).sum())))
+            assert not torch.equal(weight[keep], dense[name][keep])  # the kept weights moved
+    assert can_resume(tmp_path / "run")
+
+
+def test_a_finished_run_resumes_to_the_same_masks_without_a_prior(tiny_tokenizer, tmp_path):
+    vocab = len(tiny_tokenizer)
+    config = tiny_config("patch-tile", steps=2, checkpoint_every=1)
+    first = learn_pipeline(build_tiny_llama(vocab), tiny_windows(vocab), tiny_windows(vocab, n=4, seed=1), config,
+                           "magnitude", out_dir=tmp_path)
+    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    again = learn_pipeline(build_tiny_llama(vocab), tiny_windows(vocab), None, config, "magnitude", out_dir=tmp_path)
+    assert "prior" not in again.seconds and again.learn.steps_run == 0  # the saved prior, no calibration
+    for name, layer in first.prior.items():
+        assert torch.equal(layer.nm_keep, again.prior[name].nm_keep)
+    for name, layer in first.spec.layers.items():
+        assert torch.equal(layer.keep_mask(), again.spec.layers[name].keep_mask())
+
+
+def test_masked_perplexity_uses_given_weights_and_restores(tiny_tokenizer):
+    vocab = len(tiny_tokenizer)
+    model = build_tiny_llama(vocab)
+    dense = _dense(model)
+    windows = tiny_windows(vocab, n=2)
+    config = tiny_config("patch-tile", steps=1)
+    result = learn_pipeline(model, tiny_windows(vocab), tiny_windows(vocab, n=4, seed=1), config, "sparsegpt",
+                            reconstruct="repick")
+    plain = masked_perplexity(model, result.spec, windows, "plain")
+    with_weights = masked_perplexity(model, result.spec, windows, "weights", result.weights)
+    assert plain != with_weights
+    assert all(torch.equal(l.weight, dense[n]) for n, l in select_linears(model).items())
+    # the same figure as applying the weights by hand
+    with torch.no_grad():
+        for name, linear in select_linears(model).items():
+            linear.weight.copy_(result.weights[name])
+    assert masked_perplexity(model, None, windows, "by hand") == pytest.approx(with_weights, rel=1e-6)
+
+
+def test_reconstruct_command_writes_masks_and_weights_that_apply_honours(tiny_model_dir, tmp_path, capsys):
+    words = "sparse dense tile mask weight group pattern keep learn model layer".split()
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) + f" {i}."
+                                for i in range(60)))
+    masks = tmp_path / "pruned"
+    common = ["--model", str(tiny_model_dir), "--data", str(text), "--seqlen", "32", "--calib-windows", "2"]
+    assert main(["prune", *common, "--method", "wanda", "--tile", "16", "16", "--sparsity", "0.3",
+                 "--out", str(masks)]) == 0
+    out = tmp_path / "rec"
+    assert main(["reconstruct", *common, "--masks", str(masks), "--out", str(out), "--eval",
+                 "--eval-windows", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "reconstructed" in printed and "before: perplexity" in printed
+    spec = load_mask_spec(out)
+    weights = load_updated_weights(out, spec)
+    assert set(weights) == set(spec.layers) and spec.metadata["reconstruction"] == "repick"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    apply_mask_dir(model, out)
+    for name, linear in select_linears(model).items():
+        assert torch.equal(linear.weight, weights[name] * spec.layers[name].keep_mask())
+    # refusals: same directory, existing output
+    assert main(["reconstruct", *common, "--masks", str(out), "--out", str(out)]) == 2
+    assert main(["reconstruct", *common, "--masks", str(masks), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--out must differ" in err and "exists" in err
