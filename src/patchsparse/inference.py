@@ -22,7 +22,6 @@ from patchsparse.errors import PatchsparseError
 from patchsparse.io.export import EXPORT_JSON, SIDECAR
 from patchsparse.io.maskfile import MASKS_JSON, MASKS_TENSORS, apply_mask_dir, load_mask_spec, read_mask_document
 from patchsparse.kernels.linear import HybridLinear, convert_model
-from patchsparse.kernels.triton_tiles import triton_available
 from patchsparse.masks.spec import HybridMaskSpec
 from patchsparse.models import LoadedModel, load_model
 
@@ -110,22 +109,10 @@ def load_sparse(model: str | nn.Module, masks: str | Path | None = None, *, dtyp
 
 
 # Attribute names a HybridLinear may use to say which code path its last call took.
-_PATH_ATTRS = ("path", "kernel_path", "last_path")
-
-
 def kernel_path(layer: HybridLinear) -> str:
-    """Which code a hybrid layer runs: the layer's own record if it keeps one, else its backend
-    (for the 2:4 GEMM formats, whether the semi-structured GEMM was really used)."""
-    for attr in _PATH_ATTRS:
-        value = getattr(layer, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    part = getattr(layer.packed, "sparse_part", None)
-    if layer.backend == "triton" and not triton_available(layer.packed.dense_values.device):
-        return "triton (no Triton here: masked dense product)"
-    if part is not None:
-        return f"{layer.backend} ({'semi-structured 2:4' if part.accelerated else '2:4 multiplied densely'})"
-    return layer.backend
+    """Which code a hybrid layer runs (`HybridLinear.kernel_path`: e.g. 'cpu-kernel', 'split/emulated',
+    'expand-fallback')."""
+    return layer.kernel_path
 
 
 def kernel_paths(model: nn.Module) -> dict[str, int]:

@@ -137,15 +137,15 @@ def test_generation_timing_arithmetic():
     assert GenerationTiming(1, 1, 0.1, 0.0).decode_tokens_per_s is None
 
 
-def test_kernel_path_reads_the_layer_record_else_the_backend(tiny_model):
+def test_kernel_path_is_the_code_each_layer_runs(tiny_model):
     from patchsparse.kernels import synthetic_layer_mask
 
     linear = nn.Linear(64, 32, bias=False)
     mask = synthetic_layer_mask(linear.weight, 0.35, (16, 16))
     assert kernel_path(HybridLinear.from_dense(linear, mask, backend="reference")) == "reference"
     split = HybridLinear.from_dense(linear, mask, backend="split")        # on CPU: no semi-structured GEMM
-    assert kernel_path(split) == "split (2:4 multiplied densely)"
-    triton = HybridLinear.from_dense(linear, mask, backend="triton")      # on CPU Triton never runs
-    assert kernel_path(triton) == "triton (no Triton here: masked dense product)"
-    split.path = "split: cuSPARSELt"
-    assert kernel_path(split) == "split: cuSPARSELt"
+    assert kernel_path(split) == "split/emulated"
+    model = nn.Sequential(split, HybridLinear.from_dense(nn.Linear(32, 64, bias=False),
+                                                         synthetic_layer_mask(torch.randn(64, 32), 0.35, (16, 16)),
+                                                         backend="reference"))
+    assert kernel_paths(model) == {"split/emulated": 1, "reference": 1}

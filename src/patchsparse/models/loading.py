@@ -96,6 +96,10 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
             raise PatchsparseError(
                 f"cannot load '{spec}': not a built-in model ({known}), not a local directory, and the "
                 f"Hugging Face hub is unreachable (offline)")
+    # transformers' own load report (a table of mismatched keys) is not printed: `_check_loading_info`
+    # turns what matters in it into one line
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
         model, info = AutoModelForCausalLM.from_pretrained(
@@ -110,6 +114,8 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
             f"cannot load '{spec}': not a built-in model ({known}), not a local directory, and the "
             f"Hugging Face hub did not provide it (offline or unknown id): {_first_line(exc)}"
         ) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     _check_loading_info(info, model, source)
     if "device_map" not in from_pretrained_kwargs:
         model.to(dev)
