@@ -112,6 +112,27 @@ def test_render_results_computes_gap_closed(quality):
     assert "commit `abc`" in text
 
 
+def test_learned_rows_against_the_best_acceleratable_baseline(quality):
+    specs = quality.default_specs()
+
+    def row(sparsity, ppl):
+        return {"figures": {"sparsity": sparsity, "ppl": {"in-domain": ppl}}}
+
+    rows = {"patch-tile-35%": row(0.35, 30.0), "patch-tile-35%-fixed": row(0.35, 27.0),
+            "blocks-edges-35%": row(0.35, 40.0), "blocks-owl-35%": row(0.35, 45.0),
+            "sparsegpt-hybrid-35%": row(0.35, 36.0),        # the best acceleratable row at 35%
+            "sparsegpt-unstructured-35%": row(0.35, 20.0),  # better, but no kernel runs it: not a reference
+            "patch-tile-45%": row(0.45, 50.0),              # no baseline at 45%: no entry
+            "maskllm-2:4": row(0.5, 90.0), "sparsegpt-2:4": row(0.5, 80.0), "wanda-2:4": row(0.5, 150.0)}
+    found = {e["label"]: e["best"]["in-domain"] for e in quality.best_baseline_rows(rows, specs, ["in-domain"])}
+    assert set(found) == {"PATCH-Tile 35%", "PATCH-Tile 35% + least-squares weights", "MaskLLM 2:4"}
+    assert found["PATCH-Tile 35%"]["ratio"] == pytest.approx(30.0 / 36.0)
+    assert found["PATCH-Tile 35% + least-squares weights"]["ratio"] == pytest.approx(0.75)
+    assert found["PATCH-Tile 35%"]["baseline"].startswith("SparseGPT hybrid 35%")
+    assert found["MaskLLM 2:4"]["ratio"] == pytest.approx(90.0 / 80.0)
+    assert found["MaskLLM 2:4"]["baseline"] == "SparseGPT 2:4"
+
+
 # ---- the tiny configuration end to end ----
 
 def test_tiny_configuration_end_to_end_and_resume(quality, tmp_path, capsys, monkeypatch):

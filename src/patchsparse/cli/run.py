@@ -81,8 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="share of the dense-model distillation term in [0, 1] (default: the preset's)")
     p.add_argument("--blockwise", type=int, default=0, metavar="STEPS",
                    help="learn block by block on the calibration windows, STEPS steps per block (0: end to end)")
-    p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="none",
-                   help="weight reconstruction of the learned masks (default: none)")
+    p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="fixed",
+                   help="weight reconstruction of the learned masks: fixed = exact least squares under the learned "
+                        "mask (default), repick = SparseGPT re-picks the 2:4 groups of the sparse tiles, none")
     p.add_argument("--fresh", action="store_true", help="recompute every step instead of reusing finished ones")
     add_json_arg(p)
     p.set_defaults(handler=run_main)
