@@ -44,6 +44,29 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, intermedi
     return model
 
 
+WORDS = "sparse dense tile mask weight group pattern layer model keeps learns two four of the a".split()
+
+
+def write_random_paragraphs(path, count: int, seed: int = 0):
+    """`count` distinct paragraphs of 40 random words (so the held-out split does not swallow the
+    training text, as the repeated TINY_TEXT does). -> path"""
+    import random
+
+    rng = random.Random(seed)
+    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + f" {i}." for i in range(count)))
+    return path
+
+
+@pytest.fixture()
+def one_thread():
+    """The tiny model's matrices are too small to share: a second thread only waits (badly so on a
+    busy machine). Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

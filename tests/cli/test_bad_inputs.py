@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from patchsparse.cli.main import main
+from tests.conftest import write_random_paragraphs
 
 CPU = ["--device", "cpu"]
 
@@ -364,13 +365,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    import random
-
-    words = "sparse dense tile mask weight group pattern layer model keeps learns two four of the a".split()
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("bad-inputs-data") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(40)) + f" {i}." for i in range(80)))
-    return path
+    return write_random_paragraphs(tmp_path_factory.mktemp("bad-inputs-data") / "text.txt", 80, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import torch
 
 from patchsparse.cli.main import main
 from patchsparse.io.maskfile import load_mask_spec
+from tests.conftest import write_random_paragraphs
 
 
 def _args(model_dir, data, out, *extra):
@@ -15,23 +16,10 @@ def _args(model_dir, data, out, *extra):
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    """Distinct paragraphs (the shared tiny text repeats three, which all end up held out)."""
-    import random
-
-    words = "sparse dense tile mask weight group pattern layer model keeps learns two four of the a".split()
-    rng = random.Random(0)
-    paragraphs = [" ".join(rng.choice(words) for _ in range(40)) + f" {i}." for i in range(80)]
-    path = tmp_path_factory.mktemp("learn-data") / "text.txt"
-    path.write_text("\n\n".join(paragraphs))
-    return path
+    return write_random_paragraphs(tmp_path_factory.mktemp("learn-data") / "text.txt", 80, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_learn_writes_masks_metrics_and_record(tiny_model_dir, text_file, tmp_path, capsys):

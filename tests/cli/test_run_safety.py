@@ -10,33 +10,22 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from patchsparse.cli.main import main
 from patchsparse.errors import PatchsparseError
 from patchsparse.io.lock import directory_lock, lock_path
 from tests.cli.test_bad_inputs import tree_digest
+from tests.conftest import write_random_paragraphs
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    import random
-
-    words = "sparse dense tile mask weight group pattern layer model keeps learns two four of the a".split()
-    rng = random.Random(1)
-    path = tmp_path_factory.mktemp("safety-data") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(40)) + f" {i}." for i in range(80)))
-    return path
+    return write_random_paragraphs(tmp_path_factory.mktemp("safety-data") / "text.txt", 80, seed=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def learn(model, data, out, *extra):

@@ -7,7 +7,6 @@ Qwen2-MoE), biases (OPT, Qwen2), fused projections (GPT-NeoX, Phi-3) and untied 
 """
 
 import copy
-import json
 
 import pytest
 import torch
@@ -16,27 +15,17 @@ from patchsparse.cli.main import main
 from patchsparse.io.maskfile import load_mask_spec
 from patchsparse.models import load_model, select_linears
 from tests.families import FAMILIES, MOE, build_family
+from tests.conftest import write_random_paragraphs
 
 SEQ = ["--seqlen", "32", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    import random
-
-    words = "sparse dense tile mask weight group pattern layer model keeps learns two four of the a".split()
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("families") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(40)) + f" {i}." for i in range(60)))
-    return path
+    return write_random_paragraphs(tmp_path_factory.mktemp("families") / "text.txt", 60, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
