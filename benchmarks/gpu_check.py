@@ -90,7 +90,7 @@ def layer_mask(weight, sparsity: float, tile: tuple[int, int], seed: int, keep=N
     import torch
 
     from patchsparse.masks import LayerMask, TileGrid, nm_mask_from_scores
-    from patchsparse.prior.tile_prior import initial_dense_tiles
+    from patchsparse.masks.tiles import initial_dense_tiles
 
     if keep is None:
         keep = nm_mask_from_scores(weight.detach().abs().float(), 2, 4).cpu()

@@ -31,11 +31,10 @@ from patchsparse.learn.presets import PRESETS, preset_config
 from patchsparse.learn.priors import PRIOR_METHODS
 from patchsparse.learn.trainer import PRIOR_FILE
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
-from patchsparse.masks.tiles import TileGrid
+from patchsparse.masks.tiles import TileGrid, initial_dense_tiles
 from patchsparse.learn.distributed import DataParallel
 from patchsparse.models import LayerSelection, load_model, resolve_device
 from patchsparse.pipeline import learn_pipeline, learn_prior, masked_perplexity
-from patchsparse.prior.tile_prior import initial_dense_tiles
 from patchsparse.prior.types import PriorMasks
 from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
 from patchsparse.records import make_record, write_record

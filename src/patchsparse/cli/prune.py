@@ -25,12 +25,11 @@ from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
 from patchsparse.io.lock import directory_lock
 from patchsparse.masks.spec import HybridMaskSpec
-from patchsparse.masks.tiles import check_tile_size
+from patchsparse.masks.tiles import check_hybrid_sparsity, check_tile_reaches_target, check_tile_size
 from patchsparse.models import load_model, select_linears
 from patchsparse.prior.oneshot import METHODS, check_method, prune_model
 from patchsparse.prior.pattern import PrunePattern
 from patchsparse.prior.pruners import SparseGPTOptions
-from patchsparse.prior.tile_prior import check_hybrid_sparsity, check_tile_reaches_target
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log
 

@@ -34,7 +34,7 @@ from patchsparse.models import load_model, select_linears
 from patchsparse.models.builtin import DEFAULT_MODEL
 from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity
 from patchsparse.prior.oneshot import prune_model
-from patchsparse.prior.tile_prior import check_hybrid_sparsity
+from patchsparse.masks.tiles import check_hybrid_sparsity
 from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log

@@ -22,7 +22,7 @@ from patchsparse.errors import PatchsparseError
 from patchsparse.learn.masked import HybridMask, find_masks
 from patchsparse.masks.patterns import mask_from_pattern_index
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
-from patchsparse.prior.tile_prior import check_hybrid_sparsity
+from patchsparse.masks.tiles import check_hybrid_sparsity, choose_dense_tiles
 
 POLICIES = ("exact", "threshold")
 
@@ -46,13 +46,8 @@ def exact_tiles(logits: list[torch.Tensor], gains: list[torch.Tensor], target_ex
     Ranked by logit, highest first (ties: earlier layer, then row-major); the count k of dense
     tiles minimises |Σ_{first k} gain − target_extra|. -> bool (R_i, C_i) per layer
     """
-    flat_logits = torch.cat([l.reshape(-1).to(torch.float64) for l in logits])
-    flat_gains = torch.cat([g.reshape(-1).to(torch.float64) for g in gains])
-    order = torch.sort(flat_logits, descending=True, stable=True).indices
-    cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(flat_gains[order], 0)])
-    count = int(torch.argmin((cumulative - target_extra).abs()))
-    dense = torch.zeros(flat_logits.numel(), dtype=torch.bool)
-    dense[order[:count]] = True
+    dense = choose_dense_tiles(torch.cat([l.reshape(-1).to(torch.float64) for l in logits]),
+                               torch.cat([g.reshape(-1).to(torch.float64) for g in gains]), target_extra)
     out, offset = [], 0
     for l in logits:
         out.append(dense[offset: offset + l.numel()].view(l.shape))

@@ -33,7 +33,7 @@ from patchsparse.errors import PatchsparseError
 from patchsparse.io.atomic import atomic_directory
 from patchsparse.masks.patterns import is_nm
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
-from patchsparse.prior.tile_prior import check_hybrid_sparsity
+from patchsparse.masks.tiles import check_hybrid_sparsity
 
 FORMAT_NAME = "patchsparse-masks"
 SCHEMA_VERSION = 1

@@ -21,13 +21,12 @@ import torch.nn as nn
 
 from patchsparse.errors import PatchsparseError
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
-from patchsparse.masks.tiles import TileGrid, check_tile_size
+from patchsparse.masks.tiles import TileGrid, check_hybrid_sparsity, check_tile_size, initial_dense_tiles
 from patchsparse.models.layers import LayerSelection, select_linears
 from patchsparse.prior.layerwise import calibrate_layer_by_layer
 from patchsparse.prior.pattern import PrunePattern
 from patchsparse.prior.pruners import SparseGPTOptions, magnitude_mask, sparsegpt_prune, wanda_mask
 from patchsparse.prior.stats import HessianStat, InputNormStat
-from patchsparse.prior.tile_prior import check_hybrid_sparsity, initial_dense_tiles
 from patchsparse.prior.types import LayerPrior, PriorMasks
 from patchsparse.utils import log
 
