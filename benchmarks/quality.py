@@ -42,7 +42,7 @@ from patchsparse.data.corpus import DEFAULT_CORPUS, split_paragraphs  # noqa: E4
 from patchsparse.data.windows import shuffled_blocks  # noqa: E402
 from patchsparse.errors import PatchsparseError  # noqa: E402
 from patchsparse.evaluate import evaluate_perplexity  # noqa: E402
-from patchsparse.io.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from patchsparse.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 from patchsparse.learn.blockwise import BlockwiseConfig  # noqa: E402
 from patchsparse.learn.config import LearnConfig, with_overrides  # noqa: E402
 from patchsparse.learn.presets import preset_config  # noqa: E402

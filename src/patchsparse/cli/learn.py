@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
+from patchsparse.atomic import set_aside
 from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args, check_writable_dir, check_seqlen,
                                     positive_int, settings_of)
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.windows import shuffled_blocks
 from patchsparse.errors import PatchsparseError
 from patchsparse.extract import POLICIES, extraction_report
-from patchsparse.io.atomic import set_aside
 from patchsparse.io.lock import directory_lock
 from patchsparse.learn.blockwise import BlockwiseConfig
 from patchsparse.learn.config import MODES, LearnConfig, LinearSchedule, with_overrides

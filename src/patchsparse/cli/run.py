@@ -24,7 +24,7 @@ from patchsparse.data.corpus import DEFAULT_CORPUS
 from patchsparse.data.windows import shuffled_blocks
 from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
-from patchsparse.io.atomic import atomic_write_text
+from patchsparse.atomic import atomic_write_text
 from patchsparse.io.lock import directory_lock
 from patchsparse.io.maskfile import save_mask_spec
 from patchsparse.learn.blockwise import BlockwiseConfig

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from patchsparse.errors import PatchsparseError
-from patchsparse.learn.masked import HybridMask, find_masks
+from patchsparse.masks.learned import LearnedMask, find_masks
 from patchsparse.masks.patterns import mask_from_pattern_index
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
 from patchsparse.masks.tiles import check_hybrid_sparsity, choose_dense_tiles
@@ -27,7 +27,7 @@ from patchsparse.masks.tiles import check_hybrid_sparsity, choose_dense_tiles
 POLICIES = ("exact", "threshold")
 
 
-def sparse_keep_of(mask: HybridMask) -> torch.Tensor:
+def sparse_keep_of(mask: LearnedMask) -> torch.Tensor:
     """The hard 2:4 part of one layer. -> bool (out, in), on CPU"""
     if mask.pattern_logits is None:
         return mask.sparse_keep.detach().cpu().bool()
@@ -72,7 +72,7 @@ class ExtractionReport:
 
 def extract_masks(model: nn.Module, policy: str = "exact", target_sparsity: float | None = None,
                   mode: str | None = None, metadata: dict | None = None) -> HybridMaskSpec:
-    """Hard masks of every HybridMask attached to `model` (the masks stay attached).
+    """Hard masks of every learned mask attached to `model` (the masks stay attached).
 
     `target_sparsity` is needed by the `exact` policy when tiles are learned. The spec's metadata
     records the policy, the target and the achieved sparsity.
