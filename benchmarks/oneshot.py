@@ -25,7 +25,8 @@ from patchsparse.data import load_corpus, random_windows, sequential_windows, to
 from patchsparse.evaluate import evaluate_perplexity  # noqa: E402
 from patchsparse.models import load_model, select_linears  # noqa: E402
 from patchsparse.models.builtin import DEFAULT_MODEL  # noqa: E402
-from patchsparse.prior.oneshot import METHODS, prune_model  # noqa: E402
+from patchsparse.prior.methods import pruner_names  # noqa: E402
+from patchsparse.prior.oneshot import prune_model  # noqa: E402
 from patchsparse.prior.pattern import PrunePattern  # noqa: E402
 from patchsparse.records import git_commit, machine_summary  # noqa: E402
 
@@ -35,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--data", default="default")
     parser.add_argument("--pattern", default="2:4")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(pruner_names()), choices=pruner_names())
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)

@@ -53,6 +53,7 @@ from patchsparse.models.builtin import DEFAULT_MODEL  # noqa: E402
 from patchsparse.models.layers import MLP_ONLY, LayerSelection, block_index  # noqa: E402
 from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity  # noqa: E402
 from patchsparse.prior.layerwise import calibrate_layer_by_layer  # noqa: E402
+from patchsparse.prior.methods import pruner_names  # noqa: E402
 from patchsparse.prior.oneshot import prune_model  # noqa: E402
 from patchsparse.prior.stats import InputNormStat  # noqa: E402
 from patchsparse.records import git_commit, machine_summary  # noqa: E402
@@ -96,7 +97,7 @@ class MethodSpec:
 
 def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (16, FULL_WIDTH))) -> list[MethodSpec]:
     specs = [MethodSpec("dense", "dense", "reference", "dense")]
-    for pruner in ("magnitude", "wanda", "sparsegpt"):
+    for pruner in pruner_names():
         specs.append(MethodSpec(f"{pruner}-2:4", "oneshot", "one-shot 2:4", f"{pruner.capitalize() if pruner != 'sparsegpt' else 'SparseGPT'} 2:4",
                                 0.5, pruner))
     specs.append(MethodSpec("maskllm-2:4", "learned", "learned", "MaskLLM 2:4", 0.5, mode="maskllm"))

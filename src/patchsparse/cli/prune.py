@@ -27,7 +27,8 @@ from patchsparse.io.lock import directory_lock
 from patchsparse.masks.spec import HybridMaskSpec
 from patchsparse.masks.tiles import check_hybrid_sparsity, check_tile_reaches_target, check_tile_size
 from patchsparse.models import load_model, select_linears
-from patchsparse.prior.oneshot import METHODS, check_method, prune_model
+from patchsparse.prior.methods import pruner_names
+from patchsparse.prior.oneshot import check_method, prune_model
 from patchsparse.prior.pattern import PrunePattern
 from patchsparse.prior.pruners import SparseGPTOptions
 from patchsparse.records import make_record, write_record
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                  "unstructured or dense/2:4 tiles")
     add_model_args(parser)
     add_data_args(parser)
-    parser.add_argument("--method", default="sparsegpt", metavar="{" + ",".join(METHODS) + "}",
+    parser.add_argument("--method", default="sparsegpt", metavar="{" + ",".join(pruner_names()) + "}",
                         help="pruning method (default: sparsegpt)")
     parser.add_argument("--pattern", default="2:4", help="2:4, another N:M such as 4:8, or unstructured (default: 2:4)")
     parser.add_argument("--sparsity", type=float, default=None,

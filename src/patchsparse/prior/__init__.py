@@ -1,4 +1,4 @@
-"""One-shot pruners (magnitude, Wanda, SparseGPT) and the priors they give the learnable masks."""
+"""One-shot pruners (magnitude, Wanda, SparseGPT; the registry in `prior.methods`) and the priors they give the learnable masks."""
 
 from patchsparse.prior.types import LayerPrior, PriorMasks
 
