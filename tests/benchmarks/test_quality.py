@@ -21,29 +21,44 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    # the script's folder first on the path, as `python benchmarks/quality.py` has it (for its sibling modules)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     return module
+
+
+@pytest.fixture(scope="module")
+def report(quality):
+    return sys.modules["quality_report"]
+
+
+@pytest.fixture(scope="module")
+def runner(quality):
+    return sys.modules["quality_runner"]
 
 
 # ---- pure functions ----
 
-def test_gap_closed_on_hand_computed_numbers(quality):
+def test_gap_closed_on_hand_computed_numbers(quality, report):
     # dense 10, MaskLLM 14: a PATCH at 12 closes half of the 4-point gap, at 11 three quarters
-    assert quality.gap_closed(10.0, 14.0, 12.0) == pytest.approx(0.5)
-    assert quality.gap_closed(10.0, 14.0, 11.0) == pytest.approx(0.75)
-    assert quality.gap_closed(10.0, 14.0, 10.0) == pytest.approx(1.0)
-    assert quality.gap_closed(10.0, 14.0, 15.0) == pytest.approx(-0.25)   # worse than MaskLLM
+    assert report.gap_closed(10.0, 14.0, 12.0) == pytest.approx(0.5)
+    assert report.gap_closed(10.0, 14.0, 11.0) == pytest.approx(0.75)
+    assert report.gap_closed(10.0, 14.0, 10.0) == pytest.approx(1.0)
+    assert report.gap_closed(10.0, 14.0, 15.0) == pytest.approx(-0.25)   # worse than MaskLLM
     # not (patch - dense)/(maskllm - dense), nor a ratio of perplexities
-    assert quality.gap_closed(20.0, 30.0, 22.0) == pytest.approx(0.8)
-    assert quality.gap_closed(10.0, 10.0, 9.0) is None and quality.gap_closed(10.0, 9.0, 9.5) is None
+    assert report.gap_closed(20.0, 30.0, 22.0) == pytest.approx(0.8)
+    assert report.gap_closed(10.0, 10.0, 9.0) is None and report.gap_closed(10.0, 9.0, 9.5) is None
 
 
-def test_mean_std_is_the_sample_std(quality):
-    assert quality.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
-    assert quality.mean_std([5.0]) == (5.0, 0.0)
+def test_mean_std_is_the_sample_std(quality, report):
+    assert report.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert report.mean_std([5.0]) == (5.0, 0.0)
 
 
 def test_reproduce_command_drops_only(quality):
@@ -73,7 +88,7 @@ def test_shakespeare_plays_takes_modern_plays_only(quality, tmp_path):
     assert plays == ["HAMLET\n\nTo be, or not to be.", "THE TEMPEST\n\nBoatswain!"]
 
 
-def test_render_results_computes_gap_closed(quality):
+def test_render_results_computes_gap_closed(quality, report):
     specs = quality.default_specs()
     settings = {"steps": 40, "preset": "cpu", "eval_windows": 16, "seqlen": 512, "calib_windows": 32}
 
@@ -86,12 +101,12 @@ def test_render_results_computes_gap_closed(quality):
             "patch-joint-45%": row("patch-joint-45%", 0.45, 13.0),    # closes 25%
             "patch-joint-35%": row("patch-joint-35%", 0.35, 11.6),    # 60%
             "patch-joint-35%-seed1": row("s1", 0.35, 11.8), "patch-joint-35%-seed2": row("s2", 0.35, 11.4)}
-    text = quality.render_results(rows, specs, settings, "python benchmarks/quality.py", ["in-domain"], None, "none")
+    text = report.render_results(rows, specs, settings, "python benchmarks/quality.py", ["in-domain"], None, "none")
     assert "| patch-joint | 45% | 25% | 30% | 21% | no | 25% |" in text
     assert "| patch-joint | 35% | 60% | 55% | 44% | yes | 60% |" in text
     # a SparseGPT 2:4 row better than MaskLLM becomes the stricter reference: (12 − 11.6) / (12 − 10)
     rows["sparsegpt-2:4"] = row("sparsegpt-2:4", 0.5, 12.0)
-    text = quality.render_results(rows, specs, settings, "python benchmarks/quality.py", ["in-domain"], None, "none")
+    text = report.render_results(rows, specs, settings, "python benchmarks/quality.py", ["in-domain"], None, "none")
     assert "| patch-joint | 35% | 60% | 55% | 44% | yes | 20% |" in text
     assert "| patch-joint | 45% | 25% | 30% | 21% | no | -50% |" in text
     assert "in-domain: 11.60 ± 0.20 (n = 3)" in text
@@ -101,7 +116,7 @@ def test_render_results_computes_gap_closed(quality):
 
 # ---- the tiny configuration end to end ----
 
-def test_tiny_configuration_end_to_end_and_resume(quality, tmp_path, capsys, monkeypatch):
+def test_tiny_configuration_end_to_end_and_resume(quality, report, tmp_path, capsys, monkeypatch):
     out = tmp_path / "q"
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -128,9 +143,9 @@ def test_tiny_configuration_end_to_end_and_resume(quality, tmp_path, capsys, mon
     assert "not run" not in text
     by_name = {r["name"]: r["figures"]["ppl"] for r in records}
     for split in ("in-domain", "out-of-domain"):
-        closed = quality.gap_closed(by_name["dense"][split], by_name["maskllm-2:4"][split],
+        closed = report.gap_closed(by_name["dense"][split], by_name["maskllm-2:4"][split],
                                     by_name["patch-joint-35%"][split])
-        assert quality._fmt_pct(closed) in text.split("## Gap closed")[1].split("| patch-joint | 35% |")[1].split("\n")[0]
+        assert report._fmt_pct(closed) in text.split("## Gap closed")[1].split("| patch-joint | 35% |")[1].split("\n")[0]
     assert "Reproduce every row with: `python benchmarks/quality.py --tiny" in text
     assert (out / "results_ppl_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -182,14 +197,14 @@ def test_baseline_runners_on_tiny_model(quality, tiny_model_dir, tiny_tokenizer,
         assert torch.equal(linear.weight, dense[name])
 
 
-def test_rows_with_the_same_prior_share_it(quality, tiny_model_dir, monkeypatch, tmp_path):
+def test_rows_with_the_same_prior_share_it(quality, runner, tiny_model_dir, monkeypatch, tmp_path):
     loaded = load_model(str(tiny_model_dir))
     ids = torch.arange(2000) % 50
     bench = quality.Bench(loaded.model, loaded.identity, ids, {}, {"calib_windows": 2, "seqlen": 32, "seed": 0},
                           tmp_path)
     calls = []
-    monkeypatch.setattr(quality, "build_prior", lambda *args: calls.append(args[2:4]) or object())
-    selection = quality.LayerSelection()
+    monkeypatch.setattr(runner, "build_prior", lambda *args: calls.append(args[2:4]) or object())
+    selection = runner.LayerSelection()
     first, seconds = bench.prior("sparsegpt", 0.35, (16, 16), selection)
     again, again_seconds = bench.prior("sparsegpt", 0.35, (16, 16), selection)
     other, _ = bench.prior("sparsegpt", 0.45, (16, 16), selection)
@@ -198,17 +213,17 @@ def test_rows_with_the_same_prior_share_it(quality, tiny_model_dir, monkeypatch,
     assert calls == [("sparsegpt", 0.35), ("sparsegpt", 0.45)]
 
 
-def test_nm_lr_scale_changes_the_modes_with_2_4_logits_only(quality):
+def test_nm_lr_scale_changes_the_modes_with_2_4_logits_only(quality, runner):
     by_name = {s.name: s for s in quality.default_specs()}
     settings = {"preset": "cpu", "steps": 5, "train_seqlen": None}
     joint, tile = by_name["patch-joint-35%"], by_name["patch-tile-35%"]
-    preset_scale = quality.learn_config(joint, settings, None).optim.nm_lr_scale
-    assert quality.learn_config(joint, {**settings, "nm_lr_scale": 0.1}, None).optim.nm_lr_scale == 0.1 != preset_scale
-    assert quality.learn_config(tile, {**settings, "nm_lr_scale": 0.1}, None).optim == \
-        quality.learn_config(tile, settings, None).optim
-    assert quality.learn_config(joint, settings, None).train.steps == 5
+    preset_scale = runner.learn_config(joint, settings, None).optim.nm_lr_scale
+    assert runner.learn_config(joint, {**settings, "nm_lr_scale": 0.1}, None).optim.nm_lr_scale == 0.1 != preset_scale
+    assert runner.learn_config(tile, {**settings, "nm_lr_scale": 0.1}, None).optim == \
+        runner.learn_config(tile, settings, None).optim
+    assert runner.learn_config(joint, settings, None).train.steps == 5
     maskllm = by_name["maskllm-2:4"]
-    assert quality.learn_config(maskllm, {**settings, "nm_lr_scale": 0.25}, None).optim.nm_lr_scale == 0.25
+    assert runner.learn_config(maskllm, {**settings, "nm_lr_scale": 0.25}, None).optim.nm_lr_scale == 0.25
 
 
 def test_threshold_extraction_reuses_the_trained_run(quality, tmp_path, capsys):
