@@ -22,15 +22,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from patchsparse.data import load_corpus, tokenize_texts  # noqa: E402
-from patchsparse.kernels import convert_model, synthetic_spec  # noqa: E402
-from patchsparse.kernels.bench import PURE_2_4, machine_lines, synchronize  # noqa: E402
-from patchsparse.models import load_model, select_linears  # noqa: E402
-from patchsparse.models.builtin import DEFAULT_MODEL  # noqa: E402
-from patchsparse.records import make_record, write_record  # noqa: E402
-from patchsparse.utils import progress  # noqa: E402
+from patchsparse.data import load_corpus, tokenize_texts
+from patchsparse.kernels import convert_model, synthetic_spec
+from patchsparse.kernels.bench import PURE_2_4, machine_lines, synchronize
+from patchsparse.models import load_model, select_linears
+from patchsparse.models.builtin import DEFAULT_MODEL
+from patchsparse.records import make_record, write_record
+from patchsparse.utils import progress
 
 
 def generate_seconds(model, ids: torch.Tensor, new_tokens: int, pad_id: int) -> float:

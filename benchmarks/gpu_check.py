@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 PARTS = ("correctness", "tests", "layers", "e2e", "learn")
 # Seconds per part on the GPU; time a part leaves unused goes to the next. Sum: 7.5 minutes.
@@ -90,7 +89,7 @@ def layer_mask(weight, sparsity: float, tile: tuple[int, int], seed: int, keep=N
     import torch
 
     from patchsparse.masks import LayerMask, TileGrid, nm_mask_from_scores
-    from patchsparse.prior.tile_prior import initial_dense_tiles
+    from patchsparse.masks.tiles import initial_dense_tiles
 
     if keep is None:
         keep = nm_mask_from_scores(weight.detach().abs().float(), 2, 4).cpu()

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from patchsparse.kernels.bench import (DEFAULT_MODEL_SHAPES, LLAMA7B_SHAPES, PURE_2_4, format_table,  # noqa: E402
+from patchsparse.kernels.bench import (DEFAULT_MODEL_SHAPES, LLAMA7B_SHAPES, PURE_2_4, format_table,
                                        ideal_speedups, layer_benchmark, machine_lines)
-from patchsparse.kernels.split import semi_structured_supported  # noqa: E402
-from patchsparse.kernels.triton_tiles import triton_available  # noqa: E402
-from patchsparse.models.loading import resolve_device, resolve_dtype  # noqa: E402
-from patchsparse.records import make_record, write_record  # noqa: E402
+from patchsparse.kernels.split import semi_structured_supported
+from patchsparse.kernels.triton_tiles import triton_available
+from patchsparse.models.loading import resolve_device, resolve_dtype
+from patchsparse.records import make_record, write_record
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:

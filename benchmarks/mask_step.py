@@ -25,8 +25,6 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -59,7 +57,6 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, os.path.join(ROOT, "src"))
     from patchsparse.data import load_corpus, tokenize_texts
     from patchsparse.data.windows import shuffled_blocks
     from patchsparse.learn import learn_masks  # noqa: F401  (import cost outside the timing)
@@ -142,7 +139,6 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args.child, args)), flush=True)
         return
 
-    sys.path.insert(0, os.path.join(ROOT, "src"))
     from patchsparse.records import git_commit, machine_summary
 
     print(f"machine: {json.dumps(machine_summary())}")

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from patchsparse.learn.memory import (GIB, MODES, PRECISIONS, ActivationEstimate, ModelShape,  # noqa: E402
+from patchsparse.learn.memory import (GIB, MODES, PRECISIONS, ActivationEstimate, ModelShape,
                                       model_shape_of, plan_memory, state_bytes)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GPU_80GB = 79.6 * GIB  # what an "80 GB" H100/A100 offers to PyTorch (81,559 MiB), before the CUDA context
 

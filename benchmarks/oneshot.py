@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts  # noqa: E402
-from patchsparse.evaluate import evaluate_perplexity  # noqa: E402
-from patchsparse.models import load_model, select_linears  # noqa: E402
-from patchsparse.models.builtin import DEFAULT_MODEL  # noqa: E402
-from patchsparse.prior.oneshot import METHODS, prune_model  # noqa: E402
-from patchsparse.prior.pattern import PrunePattern  # noqa: E402
-from patchsparse.records import git_commit, machine_summary  # noqa: E402
+from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
+from patchsparse.evaluate import evaluate_perplexity
+from patchsparse.models import load_model, select_linears
+from patchsparse.models.builtin import DEFAULT_MODEL
+from patchsparse.prior.methods import pruner_names
+from patchsparse.prior.oneshot import prune_model
+from patchsparse.prior.pattern import PrunePattern
+from patchsparse.records import git_commit, machine_summary
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--data", default="default")
     parser.add_argument("--pattern", default="2:4")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(pruner_names()), choices=pruner_names())
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)

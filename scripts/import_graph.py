@@ -14,7 +14,9 @@ The layering, bottom to top (LAYERS below). A unit may import only units of lowe
 one layer are peers and do not import one another:
 
     errors                   the one exception type
-    utils, native, patchsparse  small shared helpers; building C++ kernels; the package root
+    version, utils, network, atomic  the package version; logging, progress, cache directory; the hub
+                             probe; atomic file writes
+    native                   building C++ kernels on first use
     data                     text -> token windows (knows no model)
     models                   loading models, finding their linear layers
     masks                    the mask spec, N:M patterns, tile math
@@ -23,7 +25,8 @@ one layer are peers and do not import one another:
     prior, kernels, evaluate one-shot pruners and priors; hybrid kernels; perplexity and zero-shot
     learn, extract, reconstruct  mask learning; hard masks from learned logits; weight reconstruction
     pipeline, inference      prior -> learn -> extract -> reconstruct, and scoring; sparse models for generation
-    report                   figures and tables from run directories
+    report, patchsparse      figures and tables from run directories; the package root (its public face,
+                             which hands out `load_sparse`)
     cli                      argument parsing, one module per command
     __main__                 `python -m patchsparse`
 
@@ -43,7 +46,8 @@ from pathlib import Path
 PACKAGE = "patchsparse"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("utils", "native", PACKAGE),
+    ("version", "utils", "network", "atomic"),
+    ("native",),
     ("data",),
     ("models",),
     ("masks",),
@@ -52,7 +56,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("prior", "kernels", "evaluate"),
     ("learn", "extract", "reconstruct"),
     ("pipeline", "inference"),
-    ("report",),
+    ("report", PACKAGE),
     ("cli",),
     ("__main__",),
 )

@@ -1,13 +1,7 @@
 """patchsparse: learnable tile-level hybrid (dense / 2:4) sparsity for LLMs."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("patchsparse")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.1.0+src"
-
 from patchsparse.errors import PatchsparseError
+from patchsparse.version import __version__
 
 __all__ = ["PatchsparseError", "__version__", "load_sparse"]
 

@@ -89,7 +89,7 @@ class NativeKernel:
     def build_directory(self) -> Path:
         import torch
 
-        from patchsparse.models.builtin import cache_root
+        from patchsparse.utils import cache_root
 
         key = hashlib.sha256(b"\0".join([self.source.read_bytes(), torch.__version__.encode(),
                                          " ".join(self.cflags).encode(), _cpu_identity().encode()])).hexdigest()[:16]

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from patchsparse import __version__
-from patchsparse.io.atomic import atomic_write_text
+from patchsparse.atomic import atomic_write_text
+from patchsparse.version import __version__
 
 
 def git_commit() -> str | None:

@@ -1,9 +1,10 @@
-"""Small shared helpers: logging to stderr and progress bars."""
+"""Small shared helpers: logging to stderr, progress bars and the cache directory."""
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Iterable, TypeVar
 
 from tqdm.auto import tqdm
@@ -21,3 +22,12 @@ def progress(iterable: Iterable[T] | None = None, *, desc: str, total: int | Non
     disable = disable or os.environ.get("PATCHSPARSE_NO_PROGRESS", "") not in ("", "0")
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=disable,
                 mininterval=1.0, dynamic_ncols=True, file=sys.stderr)
+
+
+def cache_root() -> Path:
+    """Cache directory: $PATCHSPARSE_CACHE, else $XDG_CACHE_HOME/patchsparse, else ~/.cache/patchsparse."""
+    if os.environ.get("PATCHSPARSE_CACHE"):
+        return Path(os.environ["PATCHSPARSE_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "patchsparse"

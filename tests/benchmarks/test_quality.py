@@ -14,49 +14,51 @@ import pytest
 import torch
 
 from patchsparse.models import load_model, select_linears
+from patchsparse.prior.allocation import owl_sparse_blocks
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    # the script's folder first on the path, as `python benchmarks/quality.py` has it (for its sibling modules)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     return module
+
+
+@pytest.fixture(scope="module")
+def report(quality):
+    return sys.modules["quality_report"]
+
+
+@pytest.fixture(scope="module")
+def runner(quality):
+    return sys.modules["quality_runner"]
 
 
 # ---- pure functions ----
 
-def test_gap_closed_on_hand_computed_numbers(quality):
+def test_gap_closed_on_hand_computed_numbers(quality, report):
     # dense 10, MaskLLM 14: a PATCH at 12 closes half of the 4-point gap, at 11 three quarters
-    assert quality.gap_closed(10.0, 14.0, 12.0) == pytest.approx(0.5)
-    assert quality.gap_closed(10.0, 14.0, 11.0) == pytest.approx(0.75)
-    assert quality.gap_closed(10.0, 14.0, 10.0) == pytest.approx(1.0)
-    assert quality.gap_closed(10.0, 14.0, 15.0) == pytest.approx(-0.25)   # worse than MaskLLM
+    assert report.gap_closed(10.0, 14.0, 12.0) == pytest.approx(0.5)
+    assert report.gap_closed(10.0, 14.0, 11.0) == pytest.approx(0.75)
+    assert report.gap_closed(10.0, 14.0, 10.0) == pytest.approx(1.0)
+    assert report.gap_closed(10.0, 14.0, 15.0) == pytest.approx(-0.25)   # worse than MaskLLM
     # not (patch - dense)/(maskllm - dense), nor a ratio of perplexities
-    assert quality.gap_closed(20.0, 30.0, 22.0) == pytest.approx(0.8)
-    assert quality.gap_closed(10.0, 10.0, 9.0) is None and quality.gap_closed(10.0, 9.0, 9.5) is None
+    assert report.gap_closed(20.0, 30.0, 22.0) == pytest.approx(0.8)
+    assert report.gap_closed(10.0, 10.0, 9.0) is None and report.gap_closed(10.0, 9.0, 9.5) is None
 
 
-def test_mean_std_is_the_sample_std(quality):
-    assert quality.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
-    assert quality.mean_std([5.0]) == (5.0, 0.0)
-
-
-def test_block_allocations(quality):
-    assert quality.sparse_block_count(30, 0.35) == 21 and quality.sparse_block_count(30, 0.45) == 27
-    assert quality.edge_dense_blocks(30, 21) == list(range(5, 26))      # 9 dense: first 5, last 4
-    assert quality.edge_dense_blocks(4, 4) == [0, 1, 2, 3]
-    ratios = torch.tensor([0.05, 0.01, 0.03, 0.02])
-    # two 2:4 blocks at 25%: the ones with the fewest outliers
-    assert quality.owl_sparse_blocks(ratios, 0.25) == [1, 3]
-    s = quality.owl_sparsities(ratios, 0.25, lam=0.08)
-    assert float(s.mean()) == pytest.approx(0.25) and float(s.max() - s.min()) == pytest.approx(0.16)
-    assert int(s.argmax()) == 1
-    scores = torch.tensor([1.0] * 9 + [100.0])          # mean 10.9; only 100 > 5 × mean
-    assert quality.owl_outlier_ratio(scores, 5.0) == pytest.approx(0.1)
+def test_mean_std_is_the_sample_std(quality, report):
+    assert report.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert report.mean_std([5.0]) == (5.0, 0.0)
 
 
 def test_reproduce_command_drops_only(quality):
@@ -86,7 +88,7 @@ def test_shakespeare_plays_takes_modern_plays_only(quality, tmp_path):
     assert plays == ["HAMLET\n\nTo be, or not to be.", "THE TEMPEST\n\nBoatswain!"]
 
 
-def test_render_results_computes_gap_closed(quality):
+def test_render_results_computes_gap_closed(quality, report):
     specs = quality.default_specs()
     settings = {"steps": 40, "preset": "cpu", "eval_windows": 16, "seqlen": 512, "calib_windows": 32}
 
@@ -99,12 +101,12 @@ def test_render_results_computes_gap_closed(quality):
             "patch-joint-45%": row("patch-joint-45%", 0.45, 13.0),    # closes 25%
             "patch-joint-35%": row("patch-joint-35%", 0.35, 11.6),    # 60%
             "patch-joint-35%-seed1": row("s1", 0.35, 11.8), "patch-joint-35%-seed2": row("s2", 0.35, 11.4)}
-    text = quality.render_results(rows, specs, settings, "python benchmarks/quality.py", ["in-domain"], None, "none")
+    text = report.render_results(rows, specs, settings, "python benchmarks/quality.py", ["in-domain"], None, "none")
     assert "| patch-joint | 45% | 25% | 30% | 21% | no | 25% |" in text
     assert "| patch-joint | 35% | 60% | 55% | 44% | yes | 60% |" in text
     # a SparseGPT 2:4 row better than MaskLLM becomes the stricter reference: (12 − 11.6) / (12 − 10)
     rows["sparsegpt-2:4"] = row("sparsegpt-2:4", 0.5, 12.0)
-    text = quality.render_results(rows, specs, settings, "python benchmarks/quality.py", ["in-domain"], None, "none")
+    text = report.render_results(rows, specs, settings, "python benchmarks/quality.py", ["in-domain"], None, "none")
     assert "| patch-joint | 35% | 60% | 55% | 44% | yes | 20% |" in text
     assert "| patch-joint | 45% | 25% | 30% | 21% | no | -50% |" in text
     assert "in-domain: 11.60 ± 0.20 (n = 3)" in text
@@ -112,7 +114,7 @@ def test_render_results_computes_gap_closed(quality):
     assert "commit `abc`" in text
 
 
-def test_learned_rows_against_the_best_acceleratable_baseline(quality):
+def test_learned_rows_against_the_best_acceleratable_baseline(quality, report):
     specs = quality.default_specs()
 
     def row(sparsity, ppl):
@@ -124,7 +126,7 @@ def test_learned_rows_against_the_best_acceleratable_baseline(quality):
             "sparsegpt-unstructured-35%": row(0.35, 20.0),  # better, but no kernel runs it: not a reference
             "patch-tile-45%": row(0.45, 50.0),              # no baseline at 45%: no entry
             "maskllm-2:4": row(0.5, 90.0), "sparsegpt-2:4": row(0.5, 80.0), "wanda-2:4": row(0.5, 150.0)}
-    found = {e["label"]: e["best"]["in-domain"] for e in quality.best_baseline_rows(rows, specs, ["in-domain"])}
+    found = {e["label"]: e["best"]["in-domain"] for e in report.best_baseline_rows(rows, specs, ["in-domain"])}
     assert set(found) == {"PATCH-Tile 35%", "PATCH-Tile 35% + least-squares weights", "MaskLLM 2:4"}
     assert found["PATCH-Tile 35%"]["ratio"] == pytest.approx(30.0 / 36.0)
     assert found["PATCH-Tile 35% + least-squares weights"]["ratio"] == pytest.approx(0.75)
@@ -135,7 +137,7 @@ def test_learned_rows_against_the_best_acceleratable_baseline(quality):
 
 # ---- the tiny configuration end to end ----
 
-def test_tiny_configuration_end_to_end_and_resume(quality, tmp_path, capsys, monkeypatch):
+def test_tiny_configuration_end_to_end_and_resume(quality, report, tmp_path, capsys, monkeypatch):
     out = tmp_path / "q"
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -162,9 +164,9 @@ def test_tiny_configuration_end_to_end_and_resume(quality, tmp_path, capsys, mon
     assert "not run" not in text
     by_name = {r["name"]: r["figures"]["ppl"] for r in records}
     for split in ("in-domain", "out-of-domain"):
-        closed = quality.gap_closed(by_name["dense"][split], by_name["maskllm-2:4"][split],
+        closed = report.gap_closed(by_name["dense"][split], by_name["maskllm-2:4"][split],
                                     by_name["patch-joint-35%"][split])
-        assert quality._fmt_pct(closed) in text.split("## Gap closed")[1].split("| patch-joint | 35% |")[1].split("\n")[0]
+        assert report._fmt_pct(closed) in text.split("## Gap closed")[1].split("| patch-joint | 35% |")[1].split("\n")[0]
     assert "Reproduce every row with: `python benchmarks/quality.py --tiny" in text
     assert (out / "results_ppl_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -209,21 +211,21 @@ def test_baseline_runners_on_tiny_model(quality, tiny_model_dir, tiny_tokenizer,
     assert edges["sparse_blocks"] == [0, 1] and edges["sparsity"] == pytest.approx(0.5)
     owl = quality.run_spec(bench, by_name["blocks-owl-35%"])        # round(1.4) = 1 sparse block
     assert len(owl["sparse_blocks"]) == 1 and owl["sparsity"] == pytest.approx(0.25)
-    assert owl["sparse_blocks"] == quality.owl_sparse_blocks(torch.tensor(owl["owl_outlier_ratios"]), 0.35)
+    assert owl["sparse_blocks"] == owl_sparse_blocks(torch.tensor(owl["owl_outlier_ratios"]), 0.35)
     assert owl["tokens_seen"] == 2 * 2 * 32  # the OWL statistics pass and the pruning pass
     # every runner puts the dense weights back
     for name, linear in select_linears(loaded.model).items():
         assert torch.equal(linear.weight, dense[name])
 
 
-def test_rows_with_the_same_prior_share_it(quality, tiny_model_dir, monkeypatch, tmp_path):
+def test_rows_with_the_same_prior_share_it(quality, runner, tiny_model_dir, monkeypatch, tmp_path):
     loaded = load_model(str(tiny_model_dir))
     ids = torch.arange(2000) % 50
     bench = quality.Bench(loaded.model, loaded.identity, ids, {}, {"calib_windows": 2, "seqlen": 32, "seed": 0},
                           tmp_path)
     calls = []
-    monkeypatch.setattr(quality, "build_prior", lambda *args: calls.append(args[2:4]) or object())
-    selection = quality.LayerSelection()
+    monkeypatch.setattr(runner, "build_prior", lambda *args: calls.append(args[2:4]) or object())
+    selection = runner.LayerSelection()
     first, seconds = bench.prior("sparsegpt", 0.35, (16, 16), selection)
     again, again_seconds = bench.prior("sparsegpt", 0.35, (16, 16), selection)
     other, _ = bench.prior("sparsegpt", 0.45, (16, 16), selection)
@@ -232,17 +234,17 @@ def test_rows_with_the_same_prior_share_it(quality, tiny_model_dir, monkeypatch,
     assert calls == [("sparsegpt", 0.35), ("sparsegpt", 0.45)]
 
 
-def test_nm_lr_scale_changes_the_modes_with_2_4_logits_only(quality):
+def test_nm_lr_scale_changes_the_modes_with_2_4_logits_only(quality, runner):
     by_name = {s.name: s for s in quality.default_specs()}
     settings = {"preset": "cpu", "steps": 5, "train_seqlen": None}
     joint, tile = by_name["patch-joint-35%"], by_name["patch-tile-35%"]
-    preset_scale = quality.learn_config(joint, settings, None).optim.nm_lr_scale
-    assert quality.learn_config(joint, {**settings, "nm_lr_scale": 0.1}, None).optim.nm_lr_scale == 0.1 != preset_scale
-    assert quality.learn_config(tile, {**settings, "nm_lr_scale": 0.1}, None).optim == \
-        quality.learn_config(tile, settings, None).optim
-    assert quality.learn_config(joint, settings, None).train.steps == 5
+    preset_scale = runner.learn_config(joint, settings, None).optim.nm_lr_scale
+    assert runner.learn_config(joint, {**settings, "nm_lr_scale": 0.1}, None).optim.nm_lr_scale == 0.1 != preset_scale
+    assert runner.learn_config(tile, {**settings, "nm_lr_scale": 0.1}, None).optim == \
+        runner.learn_config(tile, settings, None).optim
+    assert runner.learn_config(joint, settings, None).train.steps == 5
     maskllm = by_name["maskllm-2:4"]
-    assert quality.learn_config(maskllm, {**settings, "nm_lr_scale": 0.25}, None).optim.nm_lr_scale == 0.25
+    assert runner.learn_config(maskllm, {**settings, "nm_lr_scale": 0.25}, None).optim.nm_lr_scale == 0.25
 
 
 def test_threshold_extraction_reuses_the_trained_run(quality, tmp_path, capsys):

@@ -97,6 +97,11 @@ def gpt2_dir(tmp_path_factory, tiny_tokenizer):
     (["--pattern", "3:7"], "block size 128 must be a multiple of M=7"),
     (["--damp", "-1"], "damping must be >= 0"),
     (["--model", "{gpt2}"], "no decoder linear layers"),
+    (["--allocation", "owl"], "--allocation needs --sparsity"),
+    (["--allocation", "edges", "--sparsity", "0.6"], "outside [0, 0.5]"),
+    (["--allocation", "edges", "--sparsity", "0.3", "--tile", "16", "16"], "choose one"),
+    (["--allocation", "edges", "--pattern", "unstructured", "--sparsity", "0.3"], "50% N:M pattern"),
+    (["--allocation", "edges", "--sparsity", "0.1"], "closer to no 2:4 block"),  # 2 blocks: round(0.4) = 0
 ])
 def test_bad_input_is_one_line(extra, message, tiny_model_dir, tiny_text_file, gpt2_dir, tmp_path, capsys):
     out = tmp_path / "never"
@@ -107,3 +112,23 @@ def test_bad_input_is_one_line(extra, message, tiny_model_dir, tiny_text_file, g
     assert err.startswith("patchsparse: error:") and message in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("allocation", ["edges", "owl"])
+def test_prune_whole_blocks_by_allocation(allocation, tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    out, record = tmp_path / allocation, tmp_path / "r.json"
+    argv = BASE + ["--model", str(tiny_model_dir), "--data", str(tiny_text_file), "--method", "wanda",
+                   "--allocation", allocation, "--sparsity", "0.25", "--out", str(out), "--json", str(record)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads(record.read_text())["figures"]
+    # two equal blocks: one at 2:4 gives exactly 25% over the model; edges keeps the first dense
+    assert len(figures["sparse_blocks"]) == 1 and figures["model_sparsity"] == pytest.approx(0.25)
+    assert figures["sparsity"] == pytest.approx(0.5) and "over all decoder linears: 0.2500" in printed
+    if allocation == "edges":
+        assert figures["sparse_blocks"] == [1]
+    block = figures["sparse_blocks"][0]
+    spec = load_mask_spec(out)
+    assert spec.layers and all(f".layers.{block}." in name for name in spec.layers)
+    assert spec.metadata["block_allocation"] == allocation and spec.metadata["sparse_blocks"] == [block]
+    assert apply_mask_dir(load_model(str(tiny_model_dir), device="cpu").model, out).sparsity() == pytest.approx(0.5)

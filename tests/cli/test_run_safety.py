@@ -129,7 +129,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
 
 
 def test_tile_reaching_the_target_is_hand_computed():
-    from patchsparse.prior.tile_prior import check_tile_reaches_target, reachable_hybrid_sparsity
+    from patchsparse.masks.tiles import check_tile_reaches_target, reachable_hybrid_sparsity
 
     # 64x64 in 16x16 tiles: 16 tiles; target 35% -> dense fraction 0.3 -> 4.8 tiles -> 5 dense
     # kept = 5*256 + 0.5*(4096 - 5*256) = 2688 -> sparsity 1 - 2688/4096 = 0.34375

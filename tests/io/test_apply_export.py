@@ -104,7 +104,7 @@ def test_interrupted_export_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch
 def test_exported_files_are_readable_by_others(tiny_model_dir, tmp_path):
     import stat
 
-    from patchsparse.io.atomic import _UMASK
+    from patchsparse.atomic import _UMASK
 
     if _UMASK & stat.S_IROTH:
         pytest.skip("this process's umask hides files from others anyway")

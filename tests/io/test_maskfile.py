@@ -14,9 +14,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from patchsparse.errors import PatchsparseError
-from patchsparse.io.maskfile import (MASKS_JSON, MASKS_TENSORS, WEIGHTS_TENSORS, apply_mask_dir, load_mask_spec, pack_bits, save_mask_spec,
-                                     unpack_bits, weights_fingerprint)
+from patchsparse.io.maskfile import (MASKS_JSON, MASKS_TENSORS, WEIGHTS_TENSORS, apply_mask_dir, load_mask_spec, save_mask_spec,
+                                     weights_fingerprint)
 from patchsparse.masks import HybridMaskSpec, LayerMask, nm_mask_from_scores
+from patchsparse.masks.bits import pack_bits, unpack_bits
 from patchsparse.models import select_linears
 from tests.conftest import build_tiny_llama
 from tests.io.masks_for_tests import hybrid_spec
@@ -256,7 +257,7 @@ def test_killed_writer_leaves_no_visible_directory(tmp_path):
     leftovers = [p.name for p in tmp_path.iterdir()]
     assert all(name.startswith(".m.") and name.endswith(".partial") for name in leftovers) and leftovers
     # the next write of the same directory removes the dead writer's leftovers, not a live writer's
-    from patchsparse.io.atomic import _owner_tag
+    from patchsparse.atomic import _owner_tag
 
     alive = tmp_path / f".m.{_owner_tag().rsplit('-', 1)[0]}-1.abcd1234.partial"  # pid 1 always runs
     other_host = tmp_path / ".m.otherhost-123.abcd1234.partial"

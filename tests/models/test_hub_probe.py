@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from patchsparse.models.loading import hub_reachable
+from patchsparse.network import hub_reachable
 
 
 def _fake_proxy(reply: bytes | None):

@@ -4,13 +4,15 @@ import torch
 from patchsparse.errors import PatchsparseError
 from patchsparse.masks import TileGrid, unstructured_mask_from_scores
 from patchsparse.masks.patterns import is_nm
+from patchsparse.masks.tiles import initial_dense_tiles
 from patchsparse.models import select_linears
 from patchsparse.models.layers import LayerSelection
-from patchsparse.prior import LayerPrior, initial_dense_tiles
+from patchsparse.prior import LayerPrior
+from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.oneshot import compute_prior, prune_model
 from tests.conftest import build_tiny_llama
 
-METHODS = ["magnitude", "wanda", "sparsegpt"]
+METHODS = list(pruner_names())
 
 
 def windows(n=4, seqlen=24, seed=0):

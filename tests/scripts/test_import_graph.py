@@ -87,3 +87,10 @@ def test_runs_on_this_package():
                                            run.stdout, re.M))
     check = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True, timeout=60)
     assert check.returncode == (1 if count else 0)
+
+
+def test_this_package_has_no_upward_import_and_no_cycle():
+    """The layering holds: a new upward or sideways import, or a cycle, fails here with the offending line."""
+    check = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout[check.stdout.find("upward or sideways"):]
+    assert "upward or sideways imports: 0\ncycles between units: 0" in check.stdout

@@ -17,25 +17,24 @@ from pathlib import Path
 
 import torch
 
+from patchsparse.atomic import set_aside
 from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args, check_writable_dir, check_seqlen,
                                     positive_int, settings_of)
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.windows import shuffled_blocks
 from patchsparse.errors import PatchsparseError
 from patchsparse.extract import POLICIES, extraction_report
-from patchsparse.io.atomic import set_aside
 from patchsparse.io.lock import directory_lock
 from patchsparse.learn.blockwise import BlockwiseConfig
 from patchsparse.learn.config import MODES, LearnConfig, LinearSchedule, with_overrides
 from patchsparse.learn.presets import PRESETS, preset_config
-from patchsparse.learn.priors import PRIOR_METHODS
 from patchsparse.learn.trainer import PRIOR_FILE
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
-from patchsparse.masks.tiles import TileGrid
+from patchsparse.masks.tiles import TileGrid, initial_dense_tiles
 from patchsparse.learn.distributed import DataParallel
 from patchsparse.models import LayerSelection, load_model, resolve_device
 from patchsparse.pipeline import learn_pipeline, learn_prior, masked_perplexity
-from patchsparse.prior.tile_prior import initial_dense_tiles
+from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.types import PriorMasks
 from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
 from patchsparse.records import make_record, write_record
@@ -52,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sparsity", type=float, default=None,
                    help="target sparsity in [0, 0.5] (default: 0.35; maskllm: 0.5)")
     p.add_argument("--tile", type=int, nargs=2, metavar=("R", "C"), default=None, help="tile size (default 128 128)")
-    p.add_argument("--prior", choices=PRIOR_METHODS, default="magnitude", help="one-shot pruner for the prior")
+    p.add_argument("--prior", choices=pruner_names(), default="magnitude", help="one-shot pruner for the prior")
     p.add_argument("--calib-windows", type=positive_int, default=32, help="calibration windows for the prior")
     p.add_argument("--preset", choices=PRESETS, default="cpu",
                    help="cpu: a few dozen steps for the default model on a CPU; paper: the published recipe")

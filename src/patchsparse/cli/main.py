@@ -7,9 +7,9 @@ import importlib
 import os
 import sys
 
-from patchsparse import __version__
 from patchsparse.cli.common import check_writable_file
 from patchsparse.errors import PatchsparseError
+from patchsparse.version import __version__
 
 # Each module defines `register(subparsers)`, which adds its parser with `handler=` set.
 COMMAND_MODULES = (

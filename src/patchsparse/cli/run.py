@@ -24,7 +24,7 @@ from patchsparse.data.corpus import DEFAULT_CORPUS
 from patchsparse.data.windows import shuffled_blocks
 from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
-from patchsparse.io.atomic import atomic_write_text
+from patchsparse.atomic import atomic_write_text
 from patchsparse.io.lock import directory_lock
 from patchsparse.io.maskfile import save_mask_spec
 from patchsparse.learn.blockwise import BlockwiseConfig
@@ -33,8 +33,9 @@ from patchsparse.learn.presets import preset_config
 from patchsparse.models import load_model, select_linears
 from patchsparse.models.builtin import DEFAULT_MODEL
 from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity
+from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.oneshot import prune_model
-from patchsparse.prior.tile_prior import check_hybrid_sparsity
+from patchsparse.masks.tiles import check_hybrid_sparsity
 from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log
@@ -70,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=DEFAULT_CORPUS)
     p.add_argument("--sparsity", type=float, default=0.35, help="PATCH target sparsity in [0, 0.5] (default 0.35)")
     p.add_argument("--mode", choices=("patch-tile", "patch-joint"), default="patch-tile")
-    p.add_argument("--prior", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt")
+    p.add_argument("--prior", choices=pruner_names(), default="sparsegpt")
     p.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
     p.add_argument("--calib-windows", type=positive_int, default=32, help="calibration windows of --seqlen tokens")
     p.add_argument("--eval-windows", type=positive_int, default=16, help="evaluation windows of --seqlen tokens")

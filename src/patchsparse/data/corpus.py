@@ -193,7 +193,7 @@ def load_local_corpus(path: Path) -> Corpus:
 
 
 def load_hub_corpus(name: str, max_train_documents: int = 20000) -> Corpus:
-    from patchsparse.models.loading import hub_reachable
+    from patchsparse.network import hub_reachable
 
     if not hub_reachable():
         raise PatchsparseError(f"dataset '{name}' comes from the Hugging Face hub, which is unreachable (offline)")

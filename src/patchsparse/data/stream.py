@@ -115,7 +115,7 @@ def iter_local_documents(shards: Sequence[Path], seed: int = 0, shuffle_shards: 
 
 def iter_hub_documents(name: str, split: str = "train") -> Iterator[str]:
     """A hub dataset streamed (nothing downloaded ahead): one document at a time."""
-    from patchsparse.models.loading import hub_reachable
+    from patchsparse.network import hub_reachable
 
     if not hub_reachable():
         raise PatchsparseError(f"dataset '{name}' streams from the Hugging Face hub, which is unreachable (offline)")

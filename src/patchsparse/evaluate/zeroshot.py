@@ -101,7 +101,7 @@ def run_zeroshot(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], l
                  limit: int | None = None, batch_size: int = 1, num_fewshot: int = 0,
                  seed: int = 0) -> ZeroShotResult:
     """Run harness tasks on `model`; local tasks are built from `local_texts` (held-out texts)."""
-    from patchsparse.models.loading import hub_reachable
+    from patchsparse.network import hub_reachable
 
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     local = [t for t in tasks if t in LOCAL_TASKS]

@@ -19,15 +19,15 @@ import torch
 import torch.nn as nn
 
 from patchsparse.errors import PatchsparseError
-from patchsparse.learn.masked import HybridMask, find_masks
+from patchsparse.masks.learned import LearnedMask, find_masks
 from patchsparse.masks.patterns import mask_from_pattern_index
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
-from patchsparse.prior.tile_prior import check_hybrid_sparsity
+from patchsparse.masks.tiles import check_hybrid_sparsity, choose_dense_tiles
 
 POLICIES = ("exact", "threshold")
 
 
-def sparse_keep_of(mask: HybridMask) -> torch.Tensor:
+def sparse_keep_of(mask: LearnedMask) -> torch.Tensor:
     """The hard 2:4 part of one layer. -> bool (out, in), on CPU"""
     if mask.pattern_logits is None:
         return mask.sparse_keep.detach().cpu().bool()
@@ -46,13 +46,8 @@ def exact_tiles(logits: list[torch.Tensor], gains: list[torch.Tensor], target_ex
     Ranked by logit, highest first (ties: earlier layer, then row-major); the count k of dense
     tiles minimises |Σ_{first k} gain − target_extra|. -> bool (R_i, C_i) per layer
     """
-    flat_logits = torch.cat([l.reshape(-1).to(torch.float64) for l in logits])
-    flat_gains = torch.cat([g.reshape(-1).to(torch.float64) for g in gains])
-    order = torch.sort(flat_logits, descending=True, stable=True).indices
-    cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(flat_gains[order], 0)])
-    count = int(torch.argmin((cumulative - target_extra).abs()))
-    dense = torch.zeros(flat_logits.numel(), dtype=torch.bool)
-    dense[order[:count]] = True
+    dense = choose_dense_tiles(torch.cat([l.reshape(-1).to(torch.float64) for l in logits]),
+                               torch.cat([g.reshape(-1).to(torch.float64) for g in gains]), target_extra)
     out, offset = [], 0
     for l in logits:
         out.append(dense[offset: offset + l.numel()].view(l.shape))
@@ -77,7 +72,7 @@ class ExtractionReport:
 
 def extract_masks(model: nn.Module, policy: str = "exact", target_sparsity: float | None = None,
                   mode: str | None = None, metadata: dict | None = None) -> HybridMaskSpec:
-    """Hard masks of every HybridMask attached to `model` (the masks stay attached).
+    """Hard masks of every learned mask attached to `model` (the masks stay attached).
 
     `target_sparsity` is needed by the `exact` policy when tiles are learned. The spec's metadata
     records the policy, the target and the achieved sparsity.

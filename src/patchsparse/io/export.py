@@ -11,13 +11,13 @@ import json
 import shutil
 from pathlib import Path
 
-from patchsparse import __version__
+from patchsparse.atomic import atomic_directory, usual_file_modes
 from patchsparse.errors import PatchsparseError
-from patchsparse.io.atomic import atomic_directory, usual_file_modes
 from patchsparse.io.maskfile import MASKS_JSON, MASKS_TENSORS, WEIGHTS_TENSORS, apply_mask_dir, read_mask_document
 from patchsparse.masks import HybridMaskSpec
 from patchsparse.models import LoadedModel
 from patchsparse.models.experts import fused_experts
+from patchsparse.version import __version__
 
 SIDECAR = "patchsparse_masks"
 EXPORT_JSON = "export.json"

@@ -21,19 +21,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
-from patchsparse import __version__
+from patchsparse.atomic import atomic_directory
 from patchsparse.errors import PatchsparseError
-from patchsparse.io.atomic import atomic_directory
+from patchsparse.masks.bits import pack_bits, unpack_bits
 from patchsparse.masks.patterns import is_nm
-from patchsparse.masks.spec import HybridMaskSpec, LayerMask
-from patchsparse.prior.tile_prior import check_hybrid_sparsity
+from patchsparse.masks.spec import HybridMaskSpec, LayerMask, grouped_sparsity
+from patchsparse.masks.tiles import check_hybrid_sparsity
+from patchsparse.version import __version__
 
 FORMAT_NAME = "patchsparse-masks"
 SCHEMA_VERSION = 1
@@ -45,31 +45,6 @@ WEIGHTS_TENSORS = "weights.safetensors"
 
 # Values sampled per layer for the fingerprint: enough to tell models apart, cheap on a 7B model.
 SAMPLE_PER_LAYER = 256
-
-# Bit order inside a byte: the first boolean is the most significant bit (as numpy.packbits).
-_SHIFTS = torch.arange(7, -1, -1, dtype=torch.int32)  # (8,)
-
-
-# --------------------------------------------------------------------------- bit packing
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Any-shape bool -> uint8 (ceil(numel / 8),), row-major, padding bits zero."""
-    flat = mask.reshape(-1).to(torch.int32)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    bits = flat.view(-1, 8)  # (bytes, 8)
-    return (bits << _SHIFTS).sum(dim=1).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """uint8 (ceil(numel / 8),) -> bool `shape`; refuses a length that does not fit the shape."""
-    numel = math.prod(shape)
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != math.ceil(numel / 8):
-        raise PatchsparseError(
-            f"packed mask of {packed.numel()} {packed.dtype} values does not fit shape {tuple(shape)}")
-    bits = (packed.to(torch.int32)[:, None] >> _SHIFTS) & 1  # (bytes, 8)
-    return bits.reshape(-1)[:numel].to(torch.bool).view(*shape)
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -181,16 +156,6 @@ def _layer_entry(mask: LayerMask, kept: int) -> dict[str, Any]:
     return entry
 
 
-def _grouped_sparsity(kept: dict[str, int], numel: dict[str, int], key) -> dict[Any, float]:
-    """Sparsity of groups of layers (weighted by size); `key` maps a layer name to its group."""
-    totals: dict[Any, list[int]] = {}
-    for name in kept:
-        group = totals.setdefault(key(name), [0, 0])
-        group[0] += kept[name]
-        group[1] += numel[name]
-    return {g: 1.0 - k / t for g, (k, t) in totals.items()}
-
-
 def check_consistent(spec: HybridMaskSpec) -> None:
     """Refuse a spec whose sparse tiles break their declared pattern or whose target is out of range."""
     for name, mask in spec.layers.items():
@@ -298,9 +263,9 @@ def save_mask_spec(spec: HybridMaskSpec, directory: str | Path, *, identity: dic
         "achieved_sparsity": 1.0 - kept / total,
         "kept": kept,
         "masked_weights": total,
-        "per_projection_sparsity": _grouped_sparsity(kept_of, numel_of, projection_type),
+        "per_projection_sparsity": grouped_sparsity(kept_of, numel_of, projection_type),
         "per_block_sparsity": {str(b): v for b, v in
-                               sorted(_grouped_sparsity(kept_of, numel_of, block_index).items())},
+                               sorted(grouped_sparsity(kept_of, numel_of, block_index).items())},
         "training": _json_ready(extra or {}, "extra settings"),
         "metadata": metadata,
         "layers": {name: _layer_entry(mask, kept_of[name]) for name, mask in layers.items()},

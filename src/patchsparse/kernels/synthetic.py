@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from patchsparse.masks import HybridMaskSpec, LayerMask, TileGrid, nm_mask_from_scores
-from patchsparse.prior.tile_prior import initial_dense_tiles
+from patchsparse.masks.tiles import initial_dense_tiles
 
 
 def synthetic_layer_mask(weight: torch.Tensor, sparsity: float, tile: tuple[int, int] = (128, 128),

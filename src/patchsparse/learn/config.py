@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from patchsparse.errors import PatchsparseError
+from patchsparse.masks.tiles import check_hybrid_sparsity
 from patchsparse.models.layers import LayerSelection
-from patchsparse.prior.tile_prior import check_hybrid_sparsity
 
 MODES = ("maskllm", "patch-tile", "patch-joint")
 DENSITY_SCOPES = ("global", "layer", "block")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from patchsparse.masks.patterns import PATTERNS_2_4
-from patchsparse.masks.tiles import TileGrid
-from patchsparse.prior.tile_prior import initial_dense_tiles
+from patchsparse.masks.tiles import TileGrid, initial_dense_tiles
 
 
 def pattern_overlap(keep: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from patchsparse.learn.soft_masks import (
     soft_nm_mask,
     soft_tile_values,
 )
+from patchsparse.masks.learned import LearnedMask, find_masks
 from patchsparse.masks.patterns import mask_from_pattern_index
 from patchsparse.masks.tiles import TileGrid
 from patchsparse.models.layers import block_index, select_linears
@@ -99,7 +100,7 @@ class _AddToLoss(torch.autograd.Function):
         return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
 
 
-class HybridMask(nn.Module):
+class HybridMask(LearnedMask):
     """Parametrization W ↦ W ⊙ M̃ of one linear's weight.
 
     Holds (fp32) `pattern_logits` (out, in/4, 6) in maskllm / patch-joint mode, a frozen
@@ -272,17 +273,6 @@ def attach_masks(model: nn.Module, config: LearnConfig, prior: PriorMasks | None
         linear.weight.requires_grad_(False)
         parametrize.register_parametrization(linear, "weight", masks[name], unsafe=True)
     return MaskedModel(masks, sampler, norm_total)
-
-
-def find_masks(model: nn.Module) -> dict[str, HybridMask]:
-    """Every HybridMask attached to the model, by the full name of its linear."""
-    found = {}
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:
-                if isinstance(p, HybridMask):
-                    found[name] = p
-    return found
 
 
 def remove_masks(model: nn.Module) -> int:

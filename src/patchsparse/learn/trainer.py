@@ -34,13 +34,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from patchsparse.atomic import atomic_write_text, atomic_write_with
 from patchsparse.errors import PatchsparseError
-from patchsparse.io.atomic import atomic_write_text, atomic_write_with
 from patchsparse.learn.config import LearnConfig, TrainConfig
 from patchsparse.learn.distributed import SINGLE, DataParallel, optimizer_state_for_checkpoint
 from patchsparse.learn.masked import HARD, OFF, SAMPLE, MaskedModel, attach_masks, remove_masks
 from patchsparse.learn.objective import distillation_loss, sparsity_regulariser, weight_magnitude_ratio
 from patchsparse.learn.schedules import cosine_lr
+from patchsparse.masks.bits import pack_bits, unpack_bits
 from patchsparse.masks.tiles import TileGrid
 from patchsparse.models.layers import block_index
 from patchsparse.prior.types import LayerPrior, PriorMasks
@@ -76,7 +77,7 @@ def save_prior(prior: PriorMasks, path: Path) -> None:
     data = {}
     for name, layer in prior.items():
         keep = layer.nm_keep.detach().cpu()
-        data[name] = {"shape": tuple(keep.shape), "nm_keep": torch.from_numpy(np.packbits(keep.numpy().reshape(-1))),
+        data[name] = {"shape": tuple(keep.shape), "nm_keep": pack_bits(keep.bool()),
                       "tile_scores": None if layer.tile_scores is None else layer.tile_scores.detach().cpu(),
                       "tile": None if layer.tile is None else tuple(layer.tile)}
     atomic_torch_save(data, path)
@@ -121,7 +122,7 @@ def load_prior(path: Path) -> PriorMasks:
             packed = d["nm_keep"]
             if rows < 1 or cols < 1 or packed.dtype != torch.uint8 or packed.numel() != -(-n // 8):
                 raise ValueError("packed mask does not fit its shape")
-            keep = torch.from_numpy(np.unpackbits(packed.numpy())[:n].astype(bool)).view(rows, cols)
+            keep = unpack_bits(packed.reshape(-1), (rows, cols))
             tile_scores, tile = d["tile_scores"], d["tile"]
             if tile_scores is not None and not (isinstance(tile_scores, torch.Tensor)
                                                 and bool(torch.isfinite(tile_scores).all())):

@@ -8,9 +8,8 @@ Everything downstream — evaluation, mask files, export, reports, kernels — c
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -67,6 +66,16 @@ class LayerMask:
         return float((self.grid.tile_numel() * self.dense_tiles).sum()) / self.numel()
 
 
+def grouped_sparsity(kept: dict[str, int], numel: dict[str, int], key: Callable[[str], Any]) -> dict[Any, float]:
+    """Sparsity of groups of layers (weighted by size); `key` maps a layer name to its group."""
+    totals: dict[Any, list[int]] = {}
+    for name in kept:
+        group = totals.setdefault(key(name), [0, 0])
+        group[0] += kept[name]
+        group[1] += numel[name]
+    return {g: 1.0 - k / t for g, (k, t) in totals.items()}
+
+
 @dataclass
 class HybridMaskSpec:
     layers: dict[str, LayerMask]
@@ -89,20 +98,16 @@ class HybridMaskSpec:
     def per_projection_sparsity(self) -> dict[str, float]:
         from patchsparse.models.layers import projection_type
 
-        groups: dict[str, list[str]] = defaultdict(list)
-        for name in self.layers:
-            groups[projection_type(name)].append(name)
-        return {kind: 1.0 - k / t for kind, (k, t) in
-                ((kind, self.kept_and_total(names)) for kind, names in groups.items())}
+        return grouped_sparsity(*self._kept_and_numel(), projection_type)
 
     def per_block_sparsity(self) -> dict[int, float]:
         from patchsparse.models.layers import block_index
 
-        groups: dict[int, list[str]] = defaultdict(list)
-        for name in self.layers:
-            groups[block_index(name)].append(name)
-        return {b: 1.0 - k / t for b, (k, t) in
-                ((b, self.kept_and_total(names)) for b, names in sorted(groups.items()))}
+        return dict(sorted(grouped_sparsity(*self._kept_and_numel(), block_index).items()))
+
+    def _kept_and_numel(self) -> tuple[dict[str, int], dict[str, int]]:
+        return ({name: mask.kept() for name, mask in self.layers.items()},
+                {name: mask.numel() for name, mask in self.layers.items()})
 
     def check_matches(self, model: nn.Module) -> dict[str, nn.Linear]:
         """The model's linears named by this spec, after checking that every one exists with the right shape."""

@@ -14,8 +14,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from patchsparse.atomic import atomic_directory
 from patchsparse.errors import PatchsparseError
-from patchsparse.io.atomic import atomic_directory
+from patchsparse.utils import cache_root
 
 
 @dataclass(frozen=True)
@@ -39,15 +40,6 @@ BUILTIN_MODELS = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_root() -> Path:
-    """Cache directory: $PATCHSPARSE_CACHE, else $XDG_CACHE_HOME/patchsparse, else ~/.cache/patchsparse."""
-    if os.environ.get("PATCHSPARSE_CACHE"):
-        return Path(os.environ["PATCHSPARSE_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "patchsparse"
 
 
 def locate_gguf(spec: BuiltinModel) -> Path:

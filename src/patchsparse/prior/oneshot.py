@@ -21,48 +21,35 @@ import torch.nn as nn
 
 from patchsparse.errors import PatchsparseError
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
-from patchsparse.masks.tiles import TileGrid, check_tile_size
+from patchsparse.masks.tiles import TileGrid, check_hybrid_sparsity, check_tile_size, initial_dense_tiles
 from patchsparse.models.layers import LayerSelection, select_linears
 from patchsparse.prior.layerwise import calibrate_layer_by_layer
+from patchsparse.prior.methods import get_pruner
 from patchsparse.prior.pattern import PrunePattern
-from patchsparse.prior.pruners import SparseGPTOptions, magnitude_mask, sparsegpt_prune, wanda_mask
-from patchsparse.prior.stats import HessianStat, InputNormStat
-from patchsparse.prior.tile_prior import check_hybrid_sparsity, initial_dense_tiles
+from patchsparse.prior.pruners import SparseGPTOptions
 from patchsparse.prior.types import LayerPrior, PriorMasks
 from patchsparse.utils import log
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
 # A linear whose statistic saw fewer calibration tokens than this (in practice a mixture-of-experts
 # expert the router rarely picks) has no usable statistic: it is pruned by magnitude instead.
 MIN_CALIBRATION_TOKENS = 16
 
 
 def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise PatchsparseError(f"unknown pruning method '{method}' (choose {', '.join(METHODS)})")
+    get_pruner(method)
 
 
 def statistic_factory(method: str) -> Callable[[nn.Linear], Any] | None:
-    """The calibration statistic a method needs per linear; magnitude needs none."""
-    check_method(method)
-    if method == "wanda":
-        return lambda linear: InputNormStat(linear.in_features, linear.weight.device)
-    if method == "sparsegpt":
-        return lambda linear: HessianStat(linear.in_features, linear.weight.device)
-    return None
+    """The calibration statistic a method needs per linear; None for one that needs none (magnitude)."""
+    pruner = get_pruner(method)
+    return pruner.statistic if pruner.needs_statistic else None
 
 
 def method_mask(method: str, weight: torch.Tensor, stat: Any, pattern: PrunePattern,
                 options: SparseGPTOptions = SparseGPTOptions(),
                 force_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Keep-mask of one linear, and SparseGPT's updated weight (None for the other methods)."""
-    if method == "magnitude":
-        return magnitude_mask(weight, pattern), None
-    if method == "wanda":
-        return wanda_mask(weight, stat.norms(), pattern), None
-    if method == "sparsegpt":
-        return sparsegpt_prune(weight, stat.hessian, pattern, options, force_keep=force_keep)
-    raise PatchsparseError(f"unknown pruning method '{method}'")
+    """Keep-mask of one linear, and the method's updated weight (None for a method that keeps the weight)."""
+    return get_pruner(method).mask(weight, stat, pattern, options, force_keep=force_keep)
 
 
 def method_for(method: str, stat: Any, name: str, fallbacks: list[str]) -> str:
@@ -104,9 +91,7 @@ def check_request(model: nn.Module, selection: LayerSelection, method: str, patt
                   tile: tuple[int, int] | None, sparsity: float | None, calib_windows: torch.Tensor | None,
                   options: SparseGPTOptions) -> dict[str, nn.Linear]:
     """Every check that can fail, run before the model is touched. -> the selected linears"""
-    check_method(method)
-    if method == "sparsegpt":
-        options.check(pattern)
+    get_pruner(method).check(pattern, options)
     if tile is not None:
         check_tile_size(*tile)
         if not (pattern.is_nm and 2 * pattern.n == pattern.m):
@@ -238,11 +223,11 @@ def prune_model(model: nn.Module, calib_windows: torch.Tensor | None, method: st
         "target_sparsity": (None if dense_tiles is not None else sparsity) if tile is not None else pattern.sparsity,
         "allocation": "given" if dense_tiles is not None else ("tile scores" if tile is not None else None),
         "tile": list(tile) if tile is not None else None,
-        "weights_updated": bool(method == "sparsegpt" and update_weights),
+        "weights_updated": bool(get_pruner(method).updates_weights and update_weights),
         **({"magnitude_fallback": fallbacks, "min_calibration_tokens": MIN_CALIBRATION_TOKENS} if fallbacks else {}),
         "calibration_windows": 0 if calib_windows is None else int(calib_windows.shape[0]),
         "calibration_seqlen": None if calib_windows is None else int(calib_windows.shape[1]),
-        **({"damp": options.damp, "blocksize": options.blocksize} if method == "sparsegpt" else {}),
+        **get_pruner(method).metadata(options),
     })
     spec.metadata["sparsity"] = spec.sparsity()
     return spec

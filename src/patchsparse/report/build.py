@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from patchsparse.atomic import atomic_directory, atomic_write_text
 from patchsparse.errors import PatchsparseError
-from patchsparse.io.atomic import atomic_directory, atomic_write_text
 from patchsparse.io.maskfile import load_mask_spec, read_mask_document
 from patchsparse.masks import HybridMaskSpec
 from patchsparse.report import figures as fig

@@ -1,0 +1,117 @@
+"""The rows of the quality benchmark (`benchmarks/quality.py`): one `MethodSpec` per method and setting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from patchsparse.errors import PatchsparseError
+from patchsparse.prior.methods import pruner_names
+
+FULL_WIDTH = 0            # tile column count meaning "the layer's whole input width" (row stripes)
+LEVER_DISTILL = 1.0       # distillation share of the lever rows
+LEVER_BLOCKWISE = 64      # steps per block of the block-wise lever rows
+
+
+# ---- method specs ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the table. `name` is what `--only` and the results file use."""
+
+    name: str
+    kind: str                      # dense | oneshot | learned | blocks
+    group: str                     # table section
+    label: str
+    sparsity: float = 0.0          # target (global, over decoder linears)
+    pruner: str = "sparsegpt"      # one-shot pruner, or the prior of a learned method
+    pattern: str = "2:4"           # oneshot: 2:4 | unstructured | hybrid (dense tiles + 2:4)
+    layers: str = "all"            # oneshot: all | mlp
+    mode: str | None = None        # learned: maskllm | patch-tile | patch-joint
+    tile: tuple[int, int] | None = None   # learned: None = the preset's; (r, FULL_WIDTH) = row stripes
+    seed: int = 0                  # learned: training seed (noise, init, window order)
+    allocation: str | None = None  # blocks: edges | owl
+    distill: float = 0.0           # learned: share α of the dense-model distillation term
+    reconstruct: str | None = None  # learned: weight reconstruction after extraction (repick | fixed)
+    blockwise: int = 0             # learned: steps per block of block-wise learning (0: end to end)
+
+
+def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (16, FULL_WIDTH))) -> list[MethodSpec]:
+    specs = [MethodSpec("dense", "dense", "reference", "dense")]
+    for pruner in pruner_names():
+        specs.append(MethodSpec(f"{pruner}-2:4", "oneshot", "one-shot 2:4", f"{pruner.capitalize() if pruner != 'sparsegpt' else 'SparseGPT'} 2:4",
+                                0.5, pruner))
+    specs.append(MethodSpec("maskllm-2:4", "learned", "learned", "MaskLLM 2:4", 0.5, mode="maskllm"))
+    for mode, title in (("patch-tile", "PATCH-Tile"), ("patch-joint", "PATCH-Joint")):
+        for s in (0.25, 0.35, 0.45):
+            specs.append(MethodSpec(f"{mode}-{s:.0%}", "learned", "learned", f"{title} {s:.0%}", s, mode=mode))
+    for s in (0.25, 0.35, 0.45):
+        specs.append(MethodSpec(f"sparsegpt-unstructured-{s:.0%}", "oneshot", "sparsity-matched baselines",
+                                f"SparseGPT unstructured {s:.0%}", s, pattern="unstructured"))
+    for s in (0.25, 0.35, 0.45):
+        specs.append(MethodSpec(f"sparsegpt-hybrid-{s:.0%}", "oneshot", "sparsity-matched baselines",
+                                f"SparseGPT hybrid {s:.0%} (one-shot tiles, weight update)", s, pattern="hybrid"))
+    specs.append(MethodSpec("sparsegpt-2:4-mlp", "oneshot", "sparsity-matched baselines",
+                            "SparseGPT 2:4, MLP projections only", 0.5, layers="mlp"))
+    for s in (0.35, 0.45):
+        specs.append(MethodSpec(f"blocks-edges-{s:.0%}", "blocks", "sparsity-matched baselines",
+                                f"SparseGPT 2:4 on middle blocks (first/last dense) {s:.0%}", s, allocation="edges"))
+        specs.append(MethodSpec(f"blocks-owl-{s:.0%}", "blocks", "sparsity-matched baselines",
+                                f"SparseGPT 2:4 on OWL-chosen blocks {s:.0%}", s, allocation="owl"))
+    for tile in tile_sizes:
+        specs.append(MethodSpec(f"patch-joint-35%-tile{tile_label(tile)}", "learned", "tile size (PATCH-Joint 35%)",
+                                f"PATCH-Joint 35%, tiles {tile_label(tile)}", 0.35, mode="patch-joint", tile=tile))
+    for seed in (1, 2):
+        specs.append(MethodSpec(f"patch-joint-35%-seed{seed}", "learned", "seeds (PATCH-Joint 35%)",
+                                f"PATCH-Joint 35%, seed {seed}", 0.35, mode="patch-joint", seed=seed))
+    return specs + lever_specs()
+
+
+LEVER_LABELS = {"fixed": "least-squares weights", "repick": "SparseGPT re-pick", "distill": "distillation",
+                "blockwise": "block-wise"}
+# Rows that differ only in the reconstruction share one training run.
+LEVERS = {"fixed": {"reconstruct": "fixed"}, "repick": {"reconstruct": "repick"},
+          "distill": {"distill": LEVER_DISTILL}, "distill-fixed": {"distill": LEVER_DISTILL, "reconstruct": "fixed"},
+          "blockwise": {"blockwise": LEVER_BLOCKWISE},
+          "blockwise-fixed": {"blockwise": LEVER_BLOCKWISE, "reconstruct": "fixed"}}
+
+
+def lever_specs() -> list[MethodSpec]:
+    """PATCH-Tile with distillation and/or weight reconstruction at 25/35/45%, MaskLLM with them at 2:4
+    (fixed-mask reconstruction: re-picking 2:4 groups on a pure 2:4 mask is one-shot SparseGPT)."""
+    specs = []
+    for s in (0.25, 0.35, 0.45):
+        for lever, changes in LEVERS.items():
+            label = " + ".join(LEVER_LABELS[part] for part in lever.split("-"))
+            specs.append(MethodSpec(f"patch-tile-{s:.0%}-{lever}", "learned", "levers",
+                                    f"PATCH-Tile {s:.0%} + {label}", s, mode="patch-tile", **changes))
+    specs.append(MethodSpec("maskllm-2:4-distill", "learned", "levers", "MaskLLM 2:4 + distill", 0.5,
+                            mode="maskllm", distill=LEVER_DISTILL))
+    specs.append(MethodSpec("maskllm-2:4-fixed", "learned", "levers", "MaskLLM 2:4 + least-squares weights", 0.5,
+                            mode="maskllm", reconstruct="fixed"))
+    return specs
+
+
+def tiny_specs() -> list[MethodSpec]:
+    """The test-suite configuration: the dense reference and two learned methods."""
+    return [MethodSpec("dense", "dense", "reference", "dense"),
+            MethodSpec("maskllm-2:4", "learned", "learned", "MaskLLM 2:4", 0.5, mode="maskllm", tile=(16, 16)),
+            MethodSpec("patch-joint-35%", "learned", "learned", "PATCH-Joint 35%", 0.35, mode="patch-joint",
+                       tile=(16, 16))]
+
+
+def tile_label(tile: tuple[int, int] | None) -> str:
+    if tile is None:
+        return "preset"
+    return f"{tile[0]}xin" if tile[1] == FULL_WIDTH else f"{tile[0]}x{tile[1]}"
+
+
+def select_specs(specs: list[MethodSpec], only: str | None) -> list[MethodSpec]:
+    if not only:
+        return specs
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    known = {s.name for s in specs}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise PatchsparseError(f"unknown method '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    return [s for s in specs if s.name in names]
