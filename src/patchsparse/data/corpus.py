@@ -192,15 +192,21 @@ def load_local_corpus(path: Path) -> Corpus:
     return Corpus(str(path), tuple(train), tuple(held), note=note)
 
 
-def load_hub_corpus(name: str, max_train_documents: int = 20000) -> Corpus:
+def hub_datasets(name: str, how: str = "comes from"):
+    """The `datasets` package, once the hub is known to be reachable for dataset `name` (one line otherwise)."""
     from patchsparse.network import hub_reachable
 
     if not hub_reachable():
-        raise PatchsparseError(f"dataset '{name}' comes from the Hugging Face hub, which is unreachable (offline)")
+        raise PatchsparseError(f"dataset '{name}' {how} the Hugging Face hub, which is unreachable (offline)")
     try:
         import datasets
     except ImportError:
         raise PatchsparseError(f"dataset '{name}' needs the `datasets` package: pip install 'patchsparse[hub]'") from None
+    return datasets
+
+
+def load_hub_corpus(name: str, max_train_documents: int = 20000) -> Corpus:
+    datasets = hub_datasets(name)
     repo, config = HUB_DATASETS[name]
     try:
         if repo == "allenai/c4":

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from patchsparse.data.corpus import EVAL_EVERY
+from patchsparse.data.corpus import EVAL_EVERY, hub_datasets
 from patchsparse.errors import PatchsparseError
 
 SHARD_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".txt", ".txt.gz")
@@ -115,14 +115,7 @@ def iter_local_documents(shards: Sequence[Path], seed: int = 0, shuffle_shards: 
 
 def iter_hub_documents(name: str, split: str = "train") -> Iterator[str]:
     """A hub dataset streamed (nothing downloaded ahead): one document at a time."""
-    from patchsparse.network import hub_reachable
-
-    if not hub_reachable():
-        raise PatchsparseError(f"dataset '{name}' streams from the Hugging Face hub, which is unreachable (offline)")
-    try:
-        import datasets
-    except ImportError:
-        raise PatchsparseError(f"dataset '{name}' needs the `datasets` package: pip install 'patchsparse[hub]'") from None
+    datasets = hub_datasets(name, "streams from")
     repo, config = HUB_STREAMS[name]
     try:
         stream = datasets.load_dataset(repo, config, split=split, streaming=True)
