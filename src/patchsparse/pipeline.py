@@ -57,7 +57,7 @@ def masked_perplexity(model: nn.Module, spec: HybridMaskSpec | None, windows: to
 class PipelineResult:
     spec: HybridMaskSpec                      # the hard masks (after reconstruction, its masks)
     learn: LearnResult
-    prior: PriorMasks | None                  # None when the run resumed from a saved prior
+    prior: PriorMasks                         # the prior the masks started from (a resumed run's saved one)
     weights: dict[str, torch.Tensor] | None   # reconstructed weights of the masked linears (CPU), if any
     seconds: dict[str, float] = field(default_factory=dict)  # prior / learn / reconstruct
 
@@ -87,8 +87,8 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
     (`patchsparse.reconstruct`); the reconstructed weights are returned, the model keeps its own.
     blockwise: learn block by block on the calibration windows (`learn.blockwise`) instead of
     end to end on `train_windows`; such a run keeps no checkpoint (it takes minutes): resuming it
-    reuses only the saved prior. Under data parallelism every process calls this; only process 0's result is meaningful after
-    extraction (the others return it too, for symmetry).
+    reuses only the saved prior. Under data parallelism every process calls this; only process 0's
+    result is meaningful after extraction (the others return it too, for symmetry).
     """
     if resume is None:
         resume = can_resume(out_dir)
