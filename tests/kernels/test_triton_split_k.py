@@ -6,11 +6,9 @@ widens them to fp32 inside the interpreter's dot first: what is tested is the ke
 2:4 expansion, split-K slices, masks and stores in bf16, not the interpreter's arithmetic.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
+
+from tests.kernels.interpreter import run_under_interpreter
 
 pytest.importorskip("triton")
 
@@ -56,9 +54,4 @@ print("interpreter ok")
 
 
 def test_triton_kernel_tokens_bf16_split_k_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=900)
-    if "only 0-dimensional arrays can be converted" in result.stderr:
-        pytest.skip("this Triton's interpreter does not run with this NumPy (it needs NumPy < 2.3)")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "interpreter ok" in result.stdout
+    run_under_interpreter(CHECK)
