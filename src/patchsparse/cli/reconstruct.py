@@ -12,14 +12,17 @@ import argparse
 import time
 from pathlib import Path
 
-from patchsparse.cli.common import add_data_args, add_json_arg, add_model_args, check_seqlen, positive_int, settings_of
+from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args, check_seqlen, check_writable_dir,
+                                    positive_int, settings_of)
 from patchsparse.cli.evaluate import perplexity_line
 from patchsparse.cli.prune import save_outputs
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
+from patchsparse.io.lock import directory_lock
 from patchsparse.io.maskfile import load_mask_spec, weights_fingerprint
 from patchsparse.models import load_model
+from patchsparse.prior.pattern import PrunePattern
 from patchsparse.prior.pruners import SparseGPTOptions
 from patchsparse.reconstruct import MODES, reconstruct_model
 from patchsparse.records import make_record, write_record
@@ -48,12 +51,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_reconstruct(args: argparse.Namespace) -> int:
     options = SparseGPTOptions(damp=args.damp, blocksize=args.blocksize)
-    if not options.damp >= 0 or options.blocksize % 4:
-        raise PatchsparseError(f"--damp must be >= 0 and --blocksize a multiple of 4 (got {args.damp}, {args.blocksize})")
+    options.check(PrunePattern.nm(2, 4))
     if args.out.resolve() == args.masks.resolve():
         raise PatchsparseError("--out must differ from --masks: the input masks are kept as they are")
     if args.out.exists() and not args.overwrite:
         raise PatchsparseError(f"output directory {args.out} exists; pass --overwrite to replace it")
+    check_writable_dir(args.out)
+    with directory_lock(args.out):  # a second reconstruct on the same --out fails here, not after its work
+        return _run_reconstruct(args, options)
+
+
+def _run_reconstruct(args: argparse.Namespace, options: SparseGPTOptions) -> int:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     model = loaded.model
     check_seqlen(args.seqlen, loaded.max_positions)
