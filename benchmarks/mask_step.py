@@ -1,7 +1,7 @@
 """Cost of one mask-learning step against a plain dense fine-tuning step.
 
     PYTHONPATH=src python benchmarks/mask_step.py [--model smollm2-135m] [--seqlen 256] [--steps 3]
-        [--modes patch-tile patch-joint maskllm] [--no-activation-checkpointing] [--threads 2]
+        [--modes patch-tile patch-joint maskllm] [--no-activation-checkpointing] [--threads 2] [--profile ROWS]
 
 Reference: all decoder linear weights trainable, no mask, AdamW, gradient clipping, the same batch
 (1 × seqlen), the same activation-checkpointing setting. Each configuration runs in its own fresh
@@ -71,7 +71,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     ids = tokenize_texts(loaded.tokenizer, load_corpus("default").train)
-    windows = shuffled_blocks(ids, args.seqlen, 0)[: args.steps + 1].to(device)
+    windows = shuffled_blocks(ids, args.seqlen, 0)[: args.steps + 2].to(device)
     sparsity = 0.5 if kind == "maskllm" else 0.35
     prior = magnitude_prior(model, sparsity, (128, 128)) if kind != "dense" else None
     if cuda:
@@ -116,10 +116,19 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
                 torch.cuda.synchronize()
             if i > 0:  # the first step is a warm-up (allocations, optimizer state)
                 times.append(time.perf_counter() - t0)
+    profile = None
+    if getattr(args, "profile", 0):
+        # one more step under the profiler, after the timed ones (the profiler slows what it watches)
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            step(args.steps + 1)
+        profile = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                            row_limit=args.profile)
     restore()
     memory = (torch.cuda.max_memory_allocated() - base) if cuda else (peak.peak - base)
     return {"kind": kind, "step_seconds": statistics.median(times), "all_seconds": times, "memory_bytes": memory,
-            "device": str(device), "model_load_rss_bytes": base if not cuda else None}
+            "device": str(device), "model_load_rss_bytes": base if not cuda else None, "profile": profile}
 
 
 def main() -> None:
@@ -134,6 +143,9 @@ def main() -> None:
     parser.add_argument("--no-activation-checkpointing", dest="checkpointing", action="store_false")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after the timed steps, profile one more step per configuration and print its "
+                             "ROWS most expensive operators (by self time)")
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(measure(args.child, args)), flush=True)
@@ -150,7 +162,8 @@ def main() -> None:
     for kind in order:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--model", args.model, "--dtype", args.dtype,
                "--device", args.device, "--seqlen", str(args.seqlen), "--steps", str(args.steps),
-               "--threads", str(args.threads)] + ([] if args.checkpointing else ["--no-activation-checkpointing"])
+               "--threads", str(args.threads), "--profile", str(args.profile)] + (
+                   [] if args.checkpointing else ["--no-activation-checkpointing"])
         env = {**os.environ, "PATCHSPARSE_NO_PROGRESS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -160,6 +173,8 @@ def main() -> None:
         results.setdefault(kind, []).append(result)
         print(f"  {kind:12s} step {result['step_seconds']:.2f} s (all {', '.join(f'{t:.2f}' for t in result['all_seconds'])}), "
               f"memory {result['memory_bytes'] / 2**20:.0f} MiB", flush=True)
+        if result.get("profile"):
+            print(result["profile"], flush=True)
     ref_time = statistics.mean(r["step_seconds"] for r in results["dense"])
     ref_mem = statistics.mean(r["memory_bytes"] for r in results["dense"])
     print(f"\nreference (dense fine-tuning step): {ref_time:.2f} s, {ref_mem / 2**20:.0f} MiB "

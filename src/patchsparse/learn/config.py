@@ -141,6 +141,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500    # optimizer steps between checkpoints; 0 disables them
     activation_checkpointing: bool = True
+    # keep each layer's soft weight from its forward to its backward rather than rebuilding it in
+    # the checkpointed recompute: faster, at one weight-sized tensor per layer until the backward
+    cache_soft_weights: bool = True
 
     @property
     def windows_per_step(self) -> int:

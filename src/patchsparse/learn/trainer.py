@@ -23,6 +23,7 @@ prior is reused, so an interrupted run ends with exactly the masks of an uninter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -38,7 +39,8 @@ from patchsparse.atomic import atomic_write_text, atomic_write_with
 from patchsparse.errors import PatchsparseError
 from patchsparse.learn.config import LearnConfig, TrainConfig
 from patchsparse.learn.distributed import SINGLE, DataParallel, optimizer_state_for_checkpoint
-from patchsparse.learn.masked import HARD, OFF, SAMPLE, MaskedModel, attach_masks, remove_masks
+from patchsparse.learn.masked import (HARD, OFF, SAMPLE, MaskedModel, attach_masks, remove_masks,
+                                      soft_weights_built_once)
 from patchsparse.learn.objective import distillation_loss, sparsity_regulariser, weight_magnitude_ratio
 from patchsparse.learn.schedules import cosine_lr
 from patchsparse.masks.bits import pack_bits, unpack_bits
@@ -272,13 +274,14 @@ def train_step(model: nn.Module, masked: MaskedModel, optimizer: torch.optim.Opt
     lm_total = kd_total = 0.0
     for batch in batches:
         teacher = dense_logits(model, masked, batch) if alpha > 0 else None
-        out = model(input_ids=batch, labels=batch, use_cache=False)
-        task = out.loss
-        if teacher is not None:
-            kd = distillation_loss(out.logits, teacher, temperature)
-            task = (1.0 - alpha) * out.loss + alpha * kd
-            kd_total += float(kd.detach()) / len(batches)
-        (task / len(batches)).backward()
+        with soft_weights_built_once(model, masked) if tc.cache_soft_weights else contextlib.nullcontext():
+            out = model(input_ids=batch, labels=batch, use_cache=False)
+            task = out.loss
+            if teacher is not None:
+                kd = distillation_loss(out.logits, teacher, temperature)
+                task = (1.0 - alpha) * out.loss + alpha * kd
+                kd_total += float(kd.detach()) / len(batches)
+            (task / len(batches)).backward()
         lm_total += float(out.loss.detach()) / len(batches)
     parallel.average_gradients_(params)
     lm_total = parallel.mean(lm_total)
