@@ -225,3 +225,38 @@ def test_checkpoint_holds_only_plain_data_and_rng_round_trips(tiny_model, tiny_t
     _set_rng_state(state)
     assert np.array_equal(np.random.random_sample(3), expected)
     assert checkpoint["format"] == FORMAT_VERSION
+
+
+@pytest.mark.parametrize("mode", ["patch-tile", "patch-joint"])
+def test_soft_weights_built_once_give_the_same_step(tiny_tokenizer, mode):
+    """One step with the soft weights built once up front (outside the checkpointed layers) equals
+    one step that rebuilds them in the recompute, and builds each layer's soft weight once."""
+    from patchsparse.learn.masked import attach_masks
+    from patchsparse.learn.trainer import _set_training_mode, make_optimizer, train_step
+
+    results = {}
+    for cache in (False, True):
+        model = build_tiny_llama(len(tiny_tokenizer))
+        config = tiny_config(mode, steps=2)
+        config = replace(config, train=replace(config.train, cache_soft_weights=cache))
+        masked = attach_masks(model, config, tiny_prior(model))
+        optimizer = make_optimizer(masked, config)
+        initial = [p.detach().clone() for p in masked.parameters()]
+        calls = []
+        hooks = [m.register_forward_hook(lambda mod, args, out: calls.append(mod.index))
+                 for m in masked.masks.values()]
+        restore = _set_training_mode(model, True)
+        windows = tiny_windows(len(tiny_tokenizer))
+        train_step(model, masked, optimizer, config, 0, [windows[:2], windows[2:4]])
+        restore()
+        for h in hooks:
+            h.remove()
+        after = [p.detach().clone() for p in masked.parameters()]
+        assert any(not torch.equal(a, b) for a, b in zip(initial, after))   # the step did move the logits
+        results[cache] = (after, calls)
+    (rebuilt, calls_rebuilt), (cached, calls_cached) = results[False], results[True]
+    for a, b in zip(rebuilt, cached):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    layers = len(set(calls_cached))
+    assert len(calls_cached) == 2 * layers                      # once per layer and micro-batch
+    assert len(calls_rebuilt) == 4 * layers                     # forward + checkpointed recompute
