@@ -21,7 +21,7 @@ import torch.nn as nn
 from patchsparse.errors import PatchsparseError
 from patchsparse.io.export import EXPORT_JSON, SIDECAR
 from patchsparse.io.maskfile import MASKS_JSON, MASKS_TENSORS, apply_mask_dir, load_mask_spec, read_mask_document
-from patchsparse.kernels.linear import HybridLinear, convert_model
+from patchsparse.kernels.linear import DenseLinear, HybridLinear, convert_model
 from patchsparse.masks.spec import HybridMaskSpec
 from patchsparse.models import LoadedModel, load_model
 
@@ -33,7 +33,7 @@ class SparseModel(LoadedModel):
     spec: HybridMaskSpec | None = None
     mask_dir: Path | None = None
     exported: bool = False                      # the masks came from an exported checkpoint's sidecar
-    layers: dict[str, HybridLinear] = field(default_factory=dict)
+    layers: dict[str, HybridLinear | DenseLinear] = field(default_factory=dict)
 
 
 def exported_mask_dir(model: str | Path) -> Path | None:
@@ -101,23 +101,23 @@ def load_sparse(model: str | nn.Module, masks: str | Path | None = None, *, dtyp
 
     Returns a `SparseModel`: `.model` is the transformers model ready for `.generate()`, `.tokenizer`
     its tokenizer, `.spec` the masks, `.layers` the packed layers by name. `backend` is a kernel
-    backend (`auto` picks the compiled kernel on CPU, see docs/KERNELS.md).
+    backend (`auto` picks the compiled kernel on CPU and keeps dense each layer whose packed form
+    is measured slower here, see docs/KERNELS.md).
     """
     loaded = load_masked(model, masks, dtype=dtype, device=device)
     loaded.layers = convert_model(loaded.model, loaded.spec, backend=backend)
     return loaded
 
 
-# Attribute names a HybridLinear may use to say which code path its last call took.
-def kernel_path(layer: HybridLinear) -> str:
-    """Which code a hybrid layer runs (`HybridLinear.kernel_path`: e.g. 'cpu-kernel', 'split/emulated',
-    'expand-fallback')."""
+def kernel_path(layer: HybridLinear | DenseLinear) -> str:
+    """Which code a converted layer runs (`HybridLinear.kernel_path`: e.g. 'cpu-kernel', 'split/emulated',
+    'expand-fallback'; or 'dense (packed was slower)' for a layer `auto` conversion kept dense)."""
     return layer.kernel_path
 
 
 def kernel_paths(model: nn.Module) -> dict[str, int]:
-    """How many hybrid layers of `model` run each code path."""
-    return dict(Counter(kernel_path(m) for m in model.modules() if isinstance(m, HybridLinear)))
+    """How many converted layers of `model` run each code path."""
+    return dict(Counter(kernel_path(m) for m in model.modules() if isinstance(m, (HybridLinear, DenseLinear))))
 
 
 # --------------------------------------------------------------------------- timing

@@ -14,7 +14,7 @@ from patchsparse.inference import (GenerationTiming, kernel_path, kernel_paths, 
                                    timed_generate)
 from patchsparse.io.export import SIDECAR, export_checkpoint
 from patchsparse.io.maskfile import save_mask_spec
-from patchsparse.kernels import HybridLinear
+from patchsparse.kernels import DenseLinear, HybridLinear
 from patchsparse.models import load_model
 from tests.io.masks_for_tests import hybrid_spec
 
@@ -45,7 +45,8 @@ def base(tiny_model_dir):
 
 def assert_hybrid_matches(sparse, reference, spec):
     assert set(sparse.layers) == set(spec.layers)
-    assert all(isinstance(sparse.model.get_submodule(n), HybridLinear) for n in spec.layers)
+    # packed, or kept dense where packing was measured slower (the tiny model's layers mostly are)
+    assert all(isinstance(sparse.model.get_submodule(n), (HybridLinear, DenseLinear)) for n in spec.layers)
     with torch.no_grad():
         torch.testing.assert_close(sparse.model(IDS).logits, reference(IDS).logits, rtol=1e-4, atol=1e-4)
     assert greedy(sparse.model) == greedy(reference)

@@ -130,3 +130,55 @@ def test_reference_fallback_when_kernel_unavailable(monkeypatch):
     x = torch.randn(2, 64)
     torch.testing.assert_close(hybrid(x), masked_linear(linear, mask)(x))
     assert hybrid._direct is False                             # the compiled path was not taken
+
+
+@pytest.mark.parametrize("packed_speedup", [0.5, 2.0])
+def test_auto_conversion_keeps_a_layer_dense_where_packing_is_measured_slower(tiny_model, monkeypatch,
+                                                                               packed_speedup):
+    import patchsparse.kernels.linear as linear_module
+    from patchsparse.inference import kernel_paths
+    from patchsparse.kernels import DenseLinear
+
+    measured = []
+    monkeypatch.setattr(linear_module, "decode_speedup",
+                        lambda packed, dense: measured.append(type(packed)) or packed_speedup)
+    spec = tiny_spec(tiny_model, 0.45)
+    masked = copy.deepcopy(tiny_model)
+    spec.apply_(masked)
+    dense_before = {n: tiny_model.get_submodule(n).weight.detach().clone() for n in spec.layers}
+    convert_model(tiny_model, spec)                                   # auto: measured per layer
+    assert measured == [HybridLinear] * len(spec.layers)
+    kept = DenseLinear if packed_speedup < 1 else HybridLinear
+    assert all(type(tiny_model.get_submodule(n)) is kept for n in spec.layers)
+    if kept is DenseLinear:
+        assert kernel_paths(tiny_model) == {"dense (packed was slower)": len(spec.layers)}
+        for name, weight in dense_before.items():                     # the mask is applied, not the raw weight
+            layer = tiny_model.get_submodule(name)
+            torch.testing.assert_close(layer.weight, weight * spec.layers[name].keep_mask())
+            assert layer.measured_speedup == packed_speedup
+    ids = torch.tensor([[5, 17, 42, 9, 101, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(ids).logits, masked(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_explicit_backend_converts_without_measuring(tiny_model, monkeypatch):
+    import patchsparse.kernels.linear as linear_module
+
+    def fail(*args):
+        raise AssertionError("an explicit backend must not be second-guessed")
+
+    monkeypatch.setattr(linear_module, "decode_speedup", fail)
+    spec = tiny_spec(tiny_model, 0.45)
+    convert_model(tiny_model, spec, backend="reference")
+    assert all(isinstance(tiny_model.get_submodule(n), HybridLinear) for n in spec.layers)
+
+
+def test_decode_speedup_is_the_ratio_of_the_two_timings():
+    from patchsparse.kernels.linear import decode_speedup
+
+    fast, slow = nn.Linear(64, 64), nn.Linear(64, 64)
+    with torch.no_grad():
+        slow_forward = slow.forward
+        slow.forward = lambda x: [slow_forward(x) for _ in range(20)][-1]    # 20 products per call
+        assert decode_speedup(fast, slow) > 2.0        # (packed, dense): the packed side is the fast one
+        assert decode_speedup(slow, fast) < 0.5

@@ -7,12 +7,13 @@ the GPU paths.
 """
 
 from patchsparse.kernels.cpu import cpu_kernel_available, cpu_kernel_status
-from patchsparse.kernels.linear import BACKENDS, HybridLinear, choose_backend, convert_model
+from patchsparse.kernels.linear import BACKENDS, DenseLinear, HybridLinear, choose_backend, convert_model
 from patchsparse.kernels.packing import RowBlockPacked, pack_rowblocks, unpack_rowblocks
 from patchsparse.kernels.synthetic import synthetic_layer_mask, synthetic_spec
 
 __all__ = [
     "BACKENDS",
+    "DenseLinear",
     "HybridLinear",
     "RowBlockPacked",
     "choose_backend",

@@ -11,15 +11,14 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from patchsparse.kernels.linear import HybridLinear
 from patchsparse.kernels.synthetic import synthetic_layer_mask
+from patchsparse.kernels.timing import synchronize, time_interleaved  # noqa: F401  (re-exported)
 from patchsparse.utils import progress
 
 DEFAULT_MODEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]   # SmolLM2-135M (out, in)
@@ -43,33 +42,6 @@ class Cell:
         """The fastest variant of this cell, "dense" when none beats it."""
         label, seconds = min(self.hybrid_seconds.items(), key=lambda item: item[1], default=("dense", 0.0))
         return label if self.hybrid_seconds and seconds < self.dense_seconds else "dense"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: list[Callable[[], object]], device: torch.device, rounds: int = 7,
-                     budget: float = 0.05) -> list[list[float]]:
-    """Seconds per call of each function, one list of `rounds` figures per function."""
-    def run(fn, n):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        synchronize(device)
-        return (time.perf_counter() - start) / n
-
-    calls = []
-    for fn in fns:
-        run(fn, 1)                                                   # warm-up (and lazy builds)
-        calls.append(max(1, int(budget / max(run(fn, 1), 1e-7))))
-    results: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            results[i].append(run(fn, calls[i]))
-    return results
 
 
 def label_of(sparsity: float, backend: str, show_backend: bool) -> str:

@@ -11,12 +11,16 @@ Formats ("backends"), chosen once at conversion:
 
 `auto` picks `cpu` for CPU weights; on CUDA `stripe` (rows wholly dense or 2:4) or `split` when
 a 2:4 GEMM really runs there (cuSPARSELt, or CUTLASS on sm8x; fp16/bf16), else `triton` when
-installed, else `reference`. An explicit GPU backend whose kernel is missing on a CUDA weight is an
+installed, else `reference`. Then, per layer, `convert_model` times the packed layer against the
+masked dense product at one token and keeps the layer dense (`DenseLinear`) where packing loses
+here: small shapes on the CPU, and on GPUs whose 2:4 GEMM costs more per call than the dense one
+(docs/KERNELS.md). An explicit GPU backend whose kernel is missing on a CUDA weight is an
 error at conversion; wherever a layer ends up multiplying an expanded or emulated weight instead
 (CPU tests, a `cpu` layer moved to CUDA) it says so once on stderr, and `kernel_path` tells which
 path each layer takes. The packed tensors are buffers: `state_dict()` holds them and `.to()` moves
 them (the 2:4 GEMM operand is rebuilt on the new device).
-The GPU formats are written against documented APIs but **have not been run on a GPU**.
+The GPU formats were first run on an H200 (docs/KERNELS.md, "GPU status"): correct, and slower
+than dense at every shape measured there.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from patchsparse.kernels import cpu as cpu_kernel
 from patchsparse.kernels.packing import RowBlockPacked, pack_rowblocks, unpack_rowblocks
 from patchsparse.kernels.split import (SplitPacked, StripePacked, TwoFourOperand, is_row_homogeneous, pack_split,
                                        pack_stripe, semi_structured_backend, semi_structured_supported)
+from patchsparse.kernels.timing import time_interleaved
 from patchsparse.kernels.triton_tiles import TilePacked, pack_tiles, triton_available
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
 from patchsparse.utils import log
@@ -282,17 +287,80 @@ def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
+class DenseLinear(nn.Linear):
+    """A masked layer kept as a plain dense product because its packed form was measured slower.
+
+    Its weight is the masked weight (pruned entries zero), so its outputs are the hybrid layer's;
+    `measured_speedup` is dense time / packed time from the conversion-time measurement (< 1).
+    """
+
+    backend = "dense"
+    kernel_path = "dense (packed was slower)"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, measured_speedup: float):
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.measured_speedup = measured_speedup
+
+    @property
+    def packed_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def kernel_path_for(self, tokens: int | None) -> str:
+        return self.kernel_path
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", measured packed speed-up {self.measured_speedup:.2f}x"
+
+
+# The token count at which `auto` conversion decides between packed and dense: decode, one token
+# per sequence, where sparsity pays (a prompt runs the packed layers' prefill path either way).
+DECISION_TOKENS = 1
+
+
+@torch.no_grad()
+def decode_speedup(packed: nn.Module, dense: nn.Linear, tokens: int = DECISION_TOKENS) -> float:
+    """Dense time / packed time of one forward of `tokens` tokens here (best of interleaved rounds)."""
+    weight = dense.weight
+    x = torch.randn(tokens, weight.shape[1], dtype=weight.dtype, device=weight.device,
+                    generator=torch.Generator(weight.device).manual_seed(0))
+    times = time_interleaved([lambda: dense(x), lambda: packed(x)], weight.device, rounds=5, budget=0.002)
+    return min(times[0]) / min(times[1])
+
+
+def _masked_dense(linear: nn.Linear, mask: LayerMask, dtype: torch.dtype | None) -> DenseLinear:
+    weight = linear.weight.detach() * mask.keep_mask().to(linear.weight.device)
+    bias = None if linear.bias is None else linear.bias.detach()
+    if dtype is not None:
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    return DenseLinear(weight.contiguous(), bias, measured_speedup=float("nan"))
+
+
 @torch.no_grad()
 def convert_model(model: nn.Module, spec: HybridMaskSpec, backend: str = "auto",
-                  dtype: torch.dtype | None = None) -> dict[str, HybridLinear]:
+                  dtype: torch.dtype | None = None, keep_dense_when_slower: bool | None = None
+                  ) -> dict[str, HybridLinear | DenseLinear]:
     """Replace every linear named in `spec` by a `HybridLinear` (in place).
 
-    Everything is checked and packed before the first module is swapped, so a failure leaves the
-    model unchanged. Returns the new modules by name.
+    With `keep_dense_when_slower` (default: when `backend` is `auto`), each packed layer is timed
+    against its masked dense product at one token (`decode_speedup`, a few milliseconds per layer)
+    and the layer becomes a `DenseLinear` instead where packing is slower here. Everything is
+    checked and packed before the first module is swapped, so a failure leaves the model
+    unchanged. Returns the new modules by name.
     """
     found = spec.check_matches(model)
-    converted = {name: HybridLinear.from_dense(module, spec.layers[name], backend=backend, dtype=dtype)
-                 for name, module in found.items()}
+    measure = backend == "auto" if keep_dense_when_slower is None else keep_dense_when_slower
+    converted: dict[str, HybridLinear | DenseLinear] = {}
+    for name, module in found.items():
+        layer = HybridLinear.from_dense(module, spec.layers[name], backend=backend, dtype=dtype)
+        if measure:
+            dense = _masked_dense(module, spec.layers[name], dtype)
+            speedup = decode_speedup(layer, dense)
+            if speedup < 1.0:
+                dense.measured_speedup = speedup
+                layer = dense
+        converted[name] = layer
     for name, module in converted.items():
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, module)

@@ -240,7 +240,7 @@ void hybrid_matmul_impl(const T* vals, const Layout& L, int64_t total_values, co
                         int64_t tokens, const float* bias, int isa, O* y) {
   // Waking a second thread costs microseconds (milliseconds on a loaded machine), more than a
   // layer of under ~2 MiB takes to read, so small layers run on the calling thread.
-  const int threads = total_values * static_cast<int64_t>(sizeof(T)) < (2 << 20) ? 1 : at::get_num_threads();
+  const int threads = total_values * static_cast<int64_t>(sizeof(T)) < (256 << 10) ? 1 : at::get_num_threads();
   const std::vector<int64_t> splits = balanced_splits(L.value_off, L.n_blocks, total_values, threads);
   auto work = [&](int64_t first, int64_t last) {
     float out[MAX_TOKENS * ROWS];
