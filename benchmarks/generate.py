@@ -24,6 +24,7 @@ import torch
 
 
 from patchsparse.data import load_corpus, tokenize_texts
+from patchsparse.inference import kernel_paths
 from patchsparse.kernels import convert_model, synthetic_spec
 from patchsparse.kernels.bench import PURE_2_4, machine_lines, synchronize
 from patchsparse.models import load_model, select_linears
@@ -107,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
 
     base_decode = statistics.median(decode["dense"])
     base_prefill = statistics.median(prefill["dense"])
-    print(f"\n{'variant':<28}{'decode tok/s':>14}{'vs dense':>10}{'prefill':>12}{'vs dense':>10}")
+    print(f"\n{'variant':<28}{'decode tok/s':>14}{'vs dense':>10}{'prefill':>12}{'vs dense':>10}  layers")
     figures = {}
     for name in variants:
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
-        print(f"{name:<28}{d:>14.1f}{d / base_decode:>9.2f}x{p * 1e3:>10.1f}ms{base_prefill / p:>9.2f}x")
+        paths = kernel_paths(variants[name])          # auto conversion keeps slower layers dense
+        print(f"{name:<28}{d:>14.1f}{d / base_decode:>9.2f}x{p * 1e3:>10.1f}ms{base_prefill / p:>9.2f}x  "
+              + ", ".join(f"{n} {path}" for path, n in paths.items()))
         figures[name] = {"decode_tokens_per_s": decode[name], "prefill_seconds": prefill[name],
-                         "decode_speedup": d / base_decode, "prefill_speedup": base_prefill / p}
+                         "decode_speedup": d / base_decode, "prefill_speedup": base_prefill / p, "kernel_paths": paths}
     print(f"after: {machine_lines(device)[-1]}")
     if args.json:
         write_record(args.json, make_record("benchmarks/generate.py", vars(args) | {"json": str(args.json)},

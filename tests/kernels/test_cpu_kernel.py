@@ -85,3 +85,17 @@ def test_prefill_path_matches_masked_dense(out_f, in_f, tile, dtype):
         got = cpu_kernel.cpu_hybrid_linear_prefill(x, packed, bias, band_bytes)
         assert got.dtype == dtype and got.shape == (70, out_f)
         torch.testing.assert_close(got.float(), expected.float(), **TOLERANCE[dtype])
+
+
+def test_instruction_set_cap_from_the_environment(monkeypatch):
+    from patchsparse.errors import PatchsparseError
+    from patchsparse.kernels.cpu import isa_cap
+
+    assert isa_cap() == 2                                    # unset: the best the build has
+    monkeypatch.setenv("PATCHSPARSE_CPU_ISA", "AVX2")
+    assert isa_cap() == 1
+    monkeypatch.setenv("PATCHSPARSE_CPU_ISA", "scalar")
+    assert isa_cap() == 0
+    monkeypatch.setenv("PATCHSPARSE_CPU_ISA", "sse4")
+    with pytest.raises(PatchsparseError, match="PATCHSPARSE_CPU_ISA"):
+        isa_cap()

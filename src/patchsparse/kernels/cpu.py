@@ -8,15 +8,21 @@ PATCHSPARSE_REQUIRE_KERNELS=1 makes a failed build an error.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from patchsparse.errors import PatchsparseError
 from patchsparse.kernels.packing import RowBlockPacked
 from patchsparse.native import NativeKernel
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "hybrid_cpu.cpp"
+# PATCHSPARSE_CPU_ISA=avx2 (or scalar) caps the kernel's instruction set below what it was built
+# for: measuring the AVX2 path on an AVX-512 machine (with ATEN_CPU_CAPABILITY=avx2 and
+# MKL_ENABLE_INSTRUCTIONS=AVX2 capping the dense side alike), and tests.
+ISA_LEVELS = {"avx512": 2, "avx2": 1, "scalar": 0}
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 KERNEL = NativeKernel("hybrid_cpu", SOURCE, CFLAGS, label="hybrid CPU")
 
@@ -26,11 +32,20 @@ def load_cpu_kernel() -> ModuleType | None:
     return KERNEL.load()
 
 
+def isa_cap() -> int:
+    """The instruction-set level the kernel may use (PATCHSPARSE_CPU_ISA; AVX-512 by default)."""
+    name = os.environ.get("PATCHSPARSE_CPU_ISA", "avx512").strip().lower()
+    if name not in ISA_LEVELS:
+        raise PatchsparseError(f"PATCHSPARSE_CPU_ISA={name!r}: choose {', '.join(ISA_LEVELS)}")
+    return ISA_LEVELS[name]
+
+
 def cpu_kernel_status() -> str:
     status = KERNEL.status()
     if status != "built":
         return status
-    return {2: "vector (AVX-512)", 1: "vector (AVX2+FMA)"}.get(KERNEL.load().vector_level(), "portable scalar loop")
+    level = min(KERNEL.load().vector_level(), isa_cap())
+    return {2: "vector (AVX-512)", 1: "vector (AVX2+FMA)"}.get(level, "portable scalar loop")
 
 
 def cpu_kernel_available() -> bool:
@@ -38,17 +53,17 @@ def cpu_kernel_available() -> bool:
 
 
 def cpu_hybrid_linear(x: torch.Tensor, packed: RowBlockPacked, bias: torch.Tensor | None,
-                      isa: int = 2) -> torch.Tensor:
+                      isa: int | None = None) -> torch.Tensor:
     """x (tokens, in) -> (tokens, out) with the compiled kernel. Caller checks availability.
 
-    `isa` caps the instruction set: 2 = AVX-512, 1 = AVX2+FMA, 0 = scalar (for tests); a level
-    the build lacks falls back to the next one.
+    `isa` caps the instruction set: 2 = AVX-512, 1 = AVX2+FMA, 0 = scalar (default: `isa_cap()`);
+    a level the build lacks falls back to the next one.
     """
     module = load_cpu_kernel()
     assert module is not None, "cpu_hybrid_linear called without the compiled kernel"
     return module.hybrid_linear(x, packed.values, packed.meta, packed.chunk_cols, packed.n_sparse,
                                 packed.value_offsets, packed.meta_offsets, packed.out_features,
-                                packed.in_features, bias, isa)
+                                packed.in_features, bias, isa_cap() if isa is None else isa)
 
 
 def cpu_hybrid_linear_prefill(x: torch.Tensor, packed: RowBlockPacked, bias: torch.Tensor | None,

@@ -166,13 +166,13 @@ class HybridLinear(nn.Module):
         direct = self._direct_call()
         if direct is not None and x2.shape[0] <= direct[2] and x.device.type == "cpu":
             # decode fast path: one call into the compiled kernel (Python overhead matters at 10 us)
-            y = direct[0](x2, *direct[1], self.bias, 2)
+            y = direct[0](x2, *direct[1], self.bias, direct[3])
         else:
             y = self._forward2d(x2)                                # (T, out)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _direct_call(self):
-        """(kernel, its layout arguments, max tokens) when the CPU decode kernel applies, else None."""
+        """(kernel, its layout arguments, max tokens, ISA level) when the CPU decode kernel applies, else None."""
         if self._direct is False:
             return None
         if self._direct is None:
@@ -184,7 +184,7 @@ class HybridLinear(nn.Module):
             self._direct = (module.hybrid_linear,
                             (packed.values, packed.meta, packed.chunk_cols, packed.n_sparse, packed.value_offsets,
                              packed.meta_offsets, packed.out_features, packed.in_features),
-                            CPU_DIRECT_MAX_TOKENS.get(packed.dtype, 64))
+                            CPU_DIRECT_MAX_TOKENS.get(packed.dtype, 64), cpu_kernel.isa_cap())
         return self._direct
 
     def _forward2d(self, x: torch.Tensor) -> torch.Tensor:
