@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check in one command (under 8 minutes on an H200): bash benchmarks/gpu_check.sh OUTDIR [--dry-run]
+# GPU check in one command (under 9 minutes on an H200): bash benchmarks/gpu_check.sh OUTDIR [--dry-run]
 # Writes OUTDIR/gpu_check.json and OUTDIR/summary.md; see benchmarks/gpu_check.py for the parts.
 set -euo pipefail
 if [ $# -lt 1 ]; then

@@ -260,3 +260,17 @@ def test_soft_weights_built_once_give_the_same_step(tiny_tokenizer, mode):
     layers = len(set(calls_cached))
     assert len(calls_cached) == 2 * layers                      # once per layer and micro-batch
     assert len(calls_rebuilt) == 4 * layers                     # forward + checkpointed recompute
+
+
+def test_resume_accepts_a_checkpoint_written_before_a_setting_existed(tiny_tokenizer, tmp_path):
+    """A checkpoint without `cache_soft_weights` (written before it existed) resumes: a setting
+    added later counts as its default; a setting that really differs is still refused."""
+    from patchsparse.learn.trainer import _check_same_run
+
+    config = tiny_config("patch-tile", steps=2)
+    old = config.to_dict()
+    del old["train"]["cache_soft_weights"]
+    _check_same_run({"config": old, "layers": {}}, config, {})
+    other = replace(config, train=replace(config.train, seqlen=8))
+    with pytest.raises(PatchsparseError, match="seqlen"):
+        _check_same_run({"config": old, "layers": {}}, other, {})

@@ -161,8 +161,10 @@ def _normalised(config_dict: dict) -> str:
 
 
 def _check_same_run(saved: dict, config: LearnConfig, layers: dict[str, list[int]]) -> None:
-    if _normalised(saved["config"]) != _normalised(config.to_dict()):
-        a, b = json.loads(_normalised(saved["config"])), json.loads(_normalised(config.to_dict()))
+    # through from_dict, so that a setting added since the checkpoint was written counts as its default
+    saved_config = LearnConfig.from_dict(saved["config"]).to_dict()
+    if _normalised(saved_config) != _normalised(config.to_dict()):
+        a, b = json.loads(_normalised(saved_config)), json.loads(_normalised(config.to_dict()))
         diffs = [f"{part}.{k}" for part in a for k in a[part] if a[part].get(k) != b.get(part, {}).get(k)]
         raise PatchsparseError(f"cannot resume: the checkpoint was made with different settings ({', '.join(diffs) or 'config'})")
     if saved["layers"] != layers:
