@@ -153,8 +153,12 @@ def main() -> None:
 
     from patchsparse.records import git_commit, machine_summary
 
+    import torch
+
+    from patchsparse.kernels.bench import machine_lines
+
     print(f"machine: {json.dumps(machine_summary())}")
-    print(f"commit: {git_commit()}")
+    print("\n".join(machine_lines(torch.device(args.device))))          # commit, CPU, instruction set, load
     settings = {k: v for k, v in vars(args).items() if k not in ("child", "json")}
     print(f"settings: {json.dumps(settings)}")
     results: dict[str, list[dict]] = {}

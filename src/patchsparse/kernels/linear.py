@@ -344,7 +344,7 @@ def convert_model(model: nn.Module, spec: HybridMaskSpec, backend: str = "auto",
     """Replace every linear named in `spec` by a `HybridLinear` (in place).
 
     With `keep_dense_when_slower` (default: when `backend` is `auto`), each packed layer is timed
-    against its masked dense product at one token (`decode_speedup`, a few milliseconds per layer)
+    against its masked dense product at one token (`decode_speedup`, about 50 ms per layer)
     and the layer becomes a `DenseLinear` instead where packing is slower here. Everything is
     checked and packed before the first module is swapped, so a failure leaves the model
     unchanged. Returns the new modules by name.
