@@ -86,7 +86,7 @@ def test_reconstruct_command_writes_masks_and_weights_that_apply_honours(tiny_mo
     assert main(["reconstruct", *common, "--masks", str(masks), "--out", str(out), "--eval",
                  "--eval-windows", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "reconstructed" in printed and "before: perplexity" in printed
+    assert "reconstructed" in printed and "before (the masks as saved" in printed
     spec = load_mask_spec(out)
     weights = load_updated_weights(out, spec)
     assert set(weights) == set(spec.layers) and spec.metadata["reconstruction"] == "repick"
@@ -101,3 +101,25 @@ def test_reconstruct_command_writes_masks_and_weights_that_apply_honours(tiny_mo
     assert main(["reconstruct", *common, "--masks", str(masks), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--out must differ" in err and "exists" in err
+
+
+def test_reconstruct_before_figure_is_the_masks_with_their_saved_weights(tiny_model_dir, tmp_path):
+    """`reconstruct --eval`'s "before" is the mask directory as saved: with SparseGPT's updated
+    weights it equals what `prune --eval` measured, not the masks over the original weights."""
+    import json
+
+    words = "sparse dense tile mask weight group pattern keep learn model layer".split()
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(" ".join(words[(i * 5 + j) % len(words)] for j in range(40)) + f" {i}."
+                                for i in range(60)))
+    common = ["--model", str(tiny_model_dir), "--data", str(text), "--seqlen", "32", "--calib-windows", "2",
+              "--eval", "--eval-windows", "2"]
+    masks = tmp_path / "sgpt"
+    assert main(["prune", *common, "--method", "sparsegpt", "--out", str(masks),
+                 "--json", str(tmp_path / "prune.json")]) == 0
+    assert load_updated_weights(masks, load_mask_spec(masks))           # the update is saved beside the masks
+    assert main(["reconstruct", *common, "--masks", str(masks), "--out", str(tmp_path / "rec"), "--mode", "fixed",
+                 "--json", str(tmp_path / "rec.json")]) == 0
+    pruned = json.loads((tmp_path / "prune.json").read_text())["figures"]["perplexity"]["perplexity"]
+    before = json.loads((tmp_path / "rec.json").read_text())["figures"]["perplexity_before"]
+    assert before == pytest.approx(pruned, rel=1e-5)

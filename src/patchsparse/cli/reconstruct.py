@@ -75,7 +75,11 @@ def _run_reconstruct(args: argparse.Namespace, options: SparseGPTOptions) -> int
     if eval_windows is not None:
         from patchsparse.pipeline import masked_perplexity
 
-        figures["perplexity_before"] = masked_perplexity(model, spec, eval_windows, "masks as given")
+        from patchsparse.io.maskfile import load_updated_weights
+
+        # as saved: with the weights stored beside the masks (e.g. SparseGPT's update), if any
+        figures["perplexity_before"] = masked_perplexity(model, spec, eval_windows, "masks as given",
+                                                         weights=load_updated_weights(args.masks, spec))
 
     start = time.perf_counter()
     new = reconstruct_model(model, spec, calib.to(next(model.parameters()).device), args.mode,
@@ -90,7 +94,8 @@ def _run_reconstruct(args: argparse.Namespace, options: SparseGPTOptions) -> int
     if eval_windows is not None:
         result = evaluate_perplexity(model, eval_windows, desc="reconstructed perplexity")
         figures["perplexity"] = result.perplexity
-        print(f"before: perplexity {figures['perplexity_before']:.2f}")
+        print(f"before (the masks as saved, with their weights if any): perplexity "
+              f"{figures['perplexity_before']:.2f}")
         print(perplexity_line(f"reconstructed on {corpus.name} (eval split)", result, 0.0))
     if args.json:
         write_record(args.json, make_record("reconstruct", settings, loaded.identity, figures))
