@@ -341,7 +341,7 @@ def _masked_dense(linear: nn.Linear, mask: LayerMask, dtype: torch.dtype | None)
 def convert_model(model: nn.Module, spec: HybridMaskSpec, backend: str = "auto",
                   dtype: torch.dtype | None = None, keep_dense_when_slower: bool | None = None
                   ) -> dict[str, HybridLinear | DenseLinear]:
-    """Replace every linear named in `spec` by a `HybridLinear` (in place).
+    """Replace every linear named in `spec` by a `HybridLinear`, or a `DenseLinear` (in place).
 
     With `keep_dense_when_slower` (default: when `backend` is `auto`), each packed layer is timed
     against its masked dense product at one token (`decode_speedup`, about 50 ms per layer)
