@@ -102,3 +102,35 @@ def test_hard_mode_equals_the_threshold_masks_applied(tiny_model, tiny_tokenizer
     spec.apply_(tiny_model)
     with torch.no_grad():
         torch.testing.assert_close(tiny_model(input_ids=x).logits, hard_logits)
+
+
+def test_edges_initial_allocation_starts_from_dense_edge_blocks():
+    """`init_allocation="edges"`: the tile prior starts the first and last blocks dense and the
+    others all 2:4, as many 2:4 blocks as make the target over equal blocks; the threshold-extracted
+    start is that allocation but for the noise of the logits. The default starts every layer at the target."""
+    from dataclasses import replace as dc_replace
+
+    from patchsparse.learn.masked import initial_layer_sparsity
+    from patchsparse.masks.tiles import TileGrid
+
+    names = [f"model.layers.{b}.mlp.{p}" for b in range(10) for p in ("up_proj", "down_proj")]
+    config = tiny_config("patch-tile", sparsity=0.3).mask
+    assert set(initial_layer_sparsity(names, config).values()) == {0.3}
+    edges = initial_layer_sparsity(names, dc_replace(config, init_allocation="edges"))
+    # 10 blocks at 0.3: 6 blocks at 2:4 (0.5 · 6/10); dense: the first two and the last two
+    assert {int(n.split(".")[2]) for n, s in edges.items() if s == 0.0} == {0, 1, 8, 9}
+    assert {int(n.split(".")[2]) for n, s in edges.items() if s == 0.5} == {2, 3, 4, 5, 6, 7}
+    with pytest.raises(PatchsparseError, match="initial allocation"):
+        dc_replace(config, init_allocation="owl").check()
+
+    model = build_tiny_llama(300)
+    cfg = tiny_config("patch-tile", sparsity=0.25)
+    cfg = dc_replace(cfg, mask=dc_replace(cfg.mask, init_allocation="edges"))
+    masked = attach_masks(model, cfg, tiny_prior(model, 0.25))
+    blocks = {int(name.split(".")[2]) for name in masked.masks}
+    assert blocks == {0, 1}                                   # the tiny model: 2 blocks, 1 of them 2:4 at 25%
+    # the prior is ±σα on top of N(0, σ²) logits (α = 3), so a tile in a thousand starts on the other side
+    share = {b: torch.cat([(m.tile_logits > 0).flatten().float() for n, m in masked.masks.items()
+                           if n.split(".")[2] == str(b)]).mean().item() for b in blocks}
+    assert share[0] > 0.97 and share[1] < 0.03
+    assert all(isinstance(m.grid, TileGrid) for m in masked.masks.values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -74,6 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--tau-tile", type=float, nargs=2, metavar=("START", "END"))
     g.add_argument("--kappa-tile", type=float, nargs=2, metavar=("START", "END"))
     g.add_argument("--prior-strength", type=float, help="α of both priors")
+    g.add_argument("--init-allocation", choices=("uniform", "edges"), default=None,
+                   help="where the tile prior starts the dense share: uniform = every layer at the target "
+                        "(default), edges = the first and last blocks dense, the others 2:4")
     g.add_argument("--hard", action="store_true", default=None, help="straight-through hard samples (2:4 and tiles)")
     g.add_argument("--seed", type=int)
     g.add_argument("--checkpoint-every", type=int)
@@ -112,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> LearnConfig:
     mask = with_overrides(config.mask, tile=tuple(args.tile) if args.tile else None, selection=selection,
                           prior_strength_nm=args.prior_strength, prior_strength_tile=args.prior_strength,
                           hard_nm=args.hard, hard_tile=args.hard)
+    if args.init_allocation is not None:
+        mask = replace(mask, init_allocation=None if args.init_allocation == "uniform" else args.init_allocation)
     schedules = {name: LinearSchedule(*getattr(args, name)) for name in ("tau_nm", "kappa_nm", "tau_tile", "kappa_tile")
                  if getattr(args, name) is not None}
     sampling = with_overrides(config.sampling, **schedules)

@@ -59,6 +59,7 @@ class RunSettings:
     distill: float | None = None  # overrides the preset's distillation share α
     reconstruct: str | None = None  # weight reconstruction after extraction (None: none)
     blockwise: int = 0  # steps per block of block-wise learning (0: end to end)
+    init_allocation: str | None = None  # where the tile prior starts the dense share (None: uniform)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -85,6 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="fixed",
                    help="weight reconstruction of the learned masks: fixed = exact least squares under the learned "
                         "mask (default), repick = SparseGPT re-picks the 2:4 groups of the sparse tiles, none")
+    p.add_argument("--init-allocation", choices=("uniform", "edges"), default="uniform",
+                   help="where the tile prior starts the dense share: uniform = every layer at the target "
+                        "(default), edges = the first and last blocks dense, the others 2:4")
     p.add_argument("--fresh", action="store_true", help="recompute every step instead of reusing finished ones")
     add_json_arg(p)
     p.set_defaults(handler=run_main)
@@ -97,7 +101,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
                            prior=args.prior, preset=args.preset, calib_windows=args.calib_windows,
                            eval_windows=args.eval_windows, seqlen=args.seqlen, seed=args.seed, steps=args.steps,
                            distill=args.distill, reconstruct=None if args.reconstruct == "none" else args.reconstruct,
-                           blockwise=args.blockwise)
+                           blockwise=args.blockwise,
+                           init_allocation=None if args.init_allocation == "uniform" else args.init_allocation)
     if settings.blockwise < 0:
         raise PatchsparseError(f"--blockwise must be >= 0 steps per block, got {settings.blockwise}")
     run_config(settings)
@@ -108,7 +113,8 @@ def run_config(settings: RunSettings) -> LearnConfig:
     """The learning configuration of the PATCH step: the preset with the run's overrides."""
     config = preset_config(settings.preset, settings.mode, settings.sparsity)
     config = with_overrides(config, train=with_overrides(config.train, steps=settings.steps),
-                            objective=with_overrides(config.objective, distill=settings.distill))
+                            objective=with_overrides(config.objective, distill=settings.distill),
+                            mask=with_overrides(config.mask, init_allocation=settings.init_allocation))
     config.check()
     return config
 

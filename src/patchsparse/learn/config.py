@@ -17,6 +17,7 @@ from patchsparse.models.layers import LayerSelection
 
 MODES = ("maskllm", "patch-tile", "patch-joint")
 DENSITY_SCOPES = ("global", "layer", "block")
+INIT_ALLOCATIONS = (None, "edges")   # where the tile prior starts the dense share (MaskConfig.init_allocation)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class MaskConfig:
     prior_strength_tile: float = 3.0        # α of the tile prior (added: ±σ·α)
     hard_nm: bool = False                   # straight-through hard 2:4 samples
     hard_tile: bool = False                 # straight-through hard tile samples
+    # where the tile prior puts the dense share: None = the same share in every layer (the
+    # published prior); "edges" = whole blocks, the first and last ones dense, the others 2:4 (the
+    # strongest one-shot baseline's allocation), which learning then refines tile by tile
+    init_allocation: str | None = None
 
     @property
     def learns_patterns(self) -> bool:
@@ -60,6 +65,9 @@ class MaskConfig:
         check_hybrid_sparsity(self.sparsity)
         if self.mode == "maskllm" and self.sparsity != 0.5:
             raise PatchsparseError(f"maskllm mode learns 2:4 masks only, so its sparsity is 0.5, not {self.sparsity}")
+        if self.init_allocation not in INIT_ALLOCATIONS:
+            raise PatchsparseError(f"unknown initial allocation '{self.init_allocation}' "
+                                   f"(choose {', '.join(str(a) for a in INIT_ALLOCATIONS if a)})")
         rows, cols = self.tile
         if rows < 1 or cols < 4 or cols % 4:
             raise PatchsparseError(f"tile size {rows}x{cols} is invalid: rows >= 1 and columns a multiple of 4")

@@ -42,6 +42,7 @@ from patchsparse.masks.learned import LearnedMask, find_masks
 from patchsparse.masks.patterns import mask_from_pattern_index
 from patchsparse.masks.tiles import TileGrid
 from patchsparse.models.layers import block_index, select_linears
+from patchsparse.prior.allocation import edge_dense_blocks, sparse_block_count
 from patchsparse.prior.types import PriorMasks
 
 SAMPLE, EXPECTED, HARD, OFF = "sample", "expected", "hard", "off"
@@ -231,6 +232,17 @@ def check_prior(linears: dict[str, nn.Linear], config: MaskConfig, prior: PriorM
                                        f"the tile grid {grid.shape}")
 
 
+def initial_layer_sparsity(names: list[str], config: MaskConfig) -> dict[str, float]:
+    """The sparsity each layer's tile prior starts at: the target everywhere, or with the `edges`
+    allocation 0 in the first and last blocks and 0.5 (all 2:4) in the others, as many of them as
+    make the target over equal-sized blocks (`prior.allocation`)."""
+    if config.init_allocation is None:
+        return {name: config.sparsity for name in names}
+    blocks = sorted({block_index(name) for name in names})
+    sparse = {blocks[i] for i in edge_dense_blocks(len(blocks), sparse_block_count(len(blocks), config.sparsity))}
+    return {name: 0.5 if block_index(name) in sparse else 0.0 for name in names}
+
+
 def attach_masks(model: nn.Module, config: LearnConfig, prior: PriorMasks | None) -> MaskedModel:
     """Attach a learnable mask to every selected decoder linear (checks first, then changes)."""
     mc = config.mask
@@ -251,6 +263,7 @@ def attach_masks(model: nn.Module, config: LearnConfig, prior: PriorMasks | None
     device = next(iter(linears.values())).weight.device
     sampler = MaskSampler(NoiseTable(table_length_for(max_window), config.train.seed, device))
 
+    layer_sparsity = initial_layer_sparsity(list(linears), mc)
     masks: dict[str, HybridMask] = {}
     norm_total = 0.0
     for index, (name, linear) in enumerate(linears.items()):
@@ -267,8 +280,8 @@ def attach_masks(model: nn.Module, config: LearnConfig, prior: PriorMasks | None
             sparse_keep = prior_keep.to(device)
         if mc.learns_tiles:
             scores = layer_prior.tile_scores if layer_prior is not None else None
-            tile_logits = init_tile_logits(grid, None if scores is None else scores.cpu(), mc.sparsity, mc.init_std,
-                                           mc.prior_strength_tile, generator).to(device)
+            tile_logits = init_tile_logits(grid, None if scores is None else scores.cpu(), layer_sparsity[name],
+                                           mc.init_std, mc.prior_strength_tile, generator).to(device)
         masks[name] = HybridMask(index, shape, sampler, pattern_logits, tile_logits, sparse_keep, grid)
         norm_total += float(weight.detach().float().norm())
 
