@@ -99,6 +99,7 @@ def learn_config(spec: MethodSpec, settings: dict[str, Any], model: nn.Module) -
     if settings.get("nm_lr_scale") is not None and spec.mode in ("patch-joint", "maskllm"):
         optim = with_overrides(optim, nm_lr_scale=settings["nm_lr_scale"])
     objective = with_overrides(config.objective, distill=spec.distill)
+    mask = with_overrides(mask, init_allocation=spec.allocation)       # learned rows: where the tile prior starts
     return with_overrides(config, mask=mask, train=train, optim=optim, objective=objective)
 
 

@@ -30,7 +30,7 @@ class MethodSpec:
     mode: str | None = None        # learned: maskllm | patch-tile | patch-joint
     tile: tuple[int, int] | None = None   # learned: None = the preset's; (r, FULL_WIDTH) = row stripes
     seed: int = 0                  # learned: training seed (noise, init, window order)
-    allocation: str | None = None  # blocks: edges | owl
+    allocation: str | None = None  # blocks: edges | owl; learned: the tile prior's start (edges)
     distill: float = 0.0           # learned: share α of the dense-model distillation term
     reconstruct: str | None = None  # learned: weight reconstruction after extraction (repick | fixed)
     blockwise: int = 0             # learned: steps per block of block-wise learning (0: end to end)
@@ -68,12 +68,13 @@ def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (
 
 
 LEVER_LABELS = {"fixed": "least-squares weights", "repick": "SparseGPT re-pick", "distill": "distillation",
-                "blockwise": "block-wise"}
+                "blockwise": "block-wise", "edges": "edge-block start"}
 # Rows that differ only in the reconstruction share one training run.
 LEVERS = {"fixed": {"reconstruct": "fixed"}, "repick": {"reconstruct": "repick"},
           "distill": {"distill": LEVER_DISTILL}, "distill-fixed": {"distill": LEVER_DISTILL, "reconstruct": "fixed"},
           "blockwise": {"blockwise": LEVER_BLOCKWISE},
-          "blockwise-fixed": {"blockwise": LEVER_BLOCKWISE, "reconstruct": "fixed"}}
+          "blockwise-fixed": {"blockwise": LEVER_BLOCKWISE, "reconstruct": "fixed"},
+          "edges": {"allocation": "edges"}, "edges-fixed": {"allocation": "edges", "reconstruct": "fixed"}}
 
 
 def lever_specs() -> list[MethodSpec]:

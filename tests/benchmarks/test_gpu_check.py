@@ -36,8 +36,9 @@ def test_dry_run_runs_every_part(tmp_path):
     assert layers["complete"] and len(layers["cells"]) == 2 * 2                     # shapes x token counts
     assert all(len(c["speedup"]) == 4 * 4 and len(c["paths"]) == 4 * 4 for c in layers["cells"])
     e2e = parts["e2e"]["data"]
-    assert e2e["complete"] and list(e2e["variants"]) == ["45%", "35%", "25%"]
-    assert e2e["variants"]["45%"]["logits_error"] < 1e-4                           # hybrid == masked dense
+    # the packed formats themselves, then auto (which may keep slower layers dense); no Triton in CI
+    assert e2e["complete"] and list(e2e["variants"]) == ["45% split", "45%", "35% split", "25% split"]
+    assert e2e["variants"]["45% split"]["logits_error"] < 1e-4                     # hybrid == masked dense
     assert all(v["decode"]["1"]["speedup"] > 0 and v["kernel_paths"] for v in e2e["variants"].values())
     learn = parts["learn"]["data"]
     assert learn["complete"] and learn["patch_joint"]["time_ratio"] > 0

@@ -259,3 +259,12 @@ def test_threshold_extraction_reuses_the_trained_run(quality, tmp_path, capsys):
     assert [r["settings"].get("extraction", "exact") for r in joint] == ["exact", "threshold"]
     assert joint[1]["figures"]["resumed_from"] is not None           # re-extracted from the finished run
     assert "`threshold` policy" in (out / "threshold.md").read_text()
+
+
+def test_edge_start_rows_learn_from_the_edge_allocation(quality, runner):
+    by_name = {s.name: s for s in quality.default_specs()}
+    settings = {"preset": "cpu", "steps": 5, "train_seqlen": None}
+    edges, plain = by_name["patch-tile-35%-edges"], by_name["patch-tile-35%"]
+    assert runner.learn_config(edges, settings, None).mask.init_allocation == "edges"
+    assert runner.learn_config(plain, settings, None).mask.init_allocation is None
+    assert by_name["patch-tile-35%-edges-fixed"].reconstruct == "fixed"
