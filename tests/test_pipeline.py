@@ -123,3 +123,30 @@ def test_reconstruct_before_figure_is_the_masks_with_their_saved_weights(tiny_mo
     pruned = json.loads((tmp_path / "prune.json").read_text())["figures"]["perplexity"]["perplexity"]
     before = json.loads((tmp_path / "rec.json").read_text())["figures"]["perplexity_before"]
     assert before == pytest.approx(pruned, rel=1e-5)
+
+
+def test_a_saved_learning_run_with_other_settings_is_discarded_not_resumed(tiny_tokenizer, tmp_path):
+    """`run` redoing its PATCH step with other learning settings (say a new default) starts that
+    run afresh instead of failing to resume it; the same settings keep it; other files stay."""
+    from dataclasses import replace as dc_replace
+
+    from patchsparse.errors import PatchsparseError
+    from patchsparse.learn.trainer import PRIOR_FILE, RUN_FILE
+    from patchsparse.pipeline import discard_other_run
+    from tests.learn.helpers import tiny_prior
+
+    model = build_tiny_llama(len(tiny_tokenizer))
+    config = tiny_config("patch-tile", steps=2, checkpoint_every=1)
+    learn_pipeline(model, tiny_windows(len(tiny_tokenizer)), None, config, "magnitude",
+                   prior=tiny_prior(model), out_dir=tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "dense.json").write_text("{}")
+    assert (tmp_path / CHECKPOINT_FILE).is_file() and (tmp_path / PRIOR_FILE).is_file()
+    assert not discard_other_run(tmp_path, config)                       # same settings: kept
+    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    other = dc_replace(config, mask=dc_replace(config.mask, init_allocation="edges"))
+    with pytest.raises(PatchsparseError, match="init_allocation"):      # what resuming it would do
+        learn_pipeline(model, tiny_windows(len(tiny_tokenizer)), None, other, "magnitude", out_dir=tmp_path)
+    assert discard_other_run(tmp_path, other)
+    assert not any((tmp_path / n).exists() for n in (CHECKPOINT_FILE, PRIOR_FILE, RUN_FILE))
+    assert (tmp_path / "results" / "dense.json").is_file()

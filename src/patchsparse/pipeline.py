@@ -22,7 +22,8 @@ from patchsparse.learn.config import LearnConfig
 from patchsparse.learn.distributed import SINGLE, DataParallel
 from patchsparse.learn.masked import remove_masks
 from patchsparse.learn.priors import build_prior
-from patchsparse.learn.trainer import CHECKPOINT_FILE, PRIOR_FILE, LearnResult, learn_masks, load_prior, save_prior
+from patchsparse.learn.trainer import (CHECKPOINT_FILE, METRICS_FILE, PRIOR_FILE, RUN_FILE, LearnResult, learn_masks,
+                                       load_prior, save_prior, started_with)
 from patchsparse.masks.spec import HybridMaskSpec
 from patchsparse.models.layers import block_index
 from patchsparse.prior.types import PriorMasks
@@ -32,6 +33,17 @@ from patchsparse.utils import log
 def can_resume(run_dir: Path | None) -> bool:
     """A run directory holds a checkpoint or at least the prior of a run that was started."""
     return run_dir is not None and ((run_dir / CHECKPOINT_FILE).is_file() or (run_dir / PRIOR_FILE).is_file())
+
+
+def discard_other_run(run_dir: Path, config: LearnConfig) -> bool:
+    """Remove the learning run saved in `run_dir` (prior, checkpoint, metrics) when it was started
+    with other settings than `config`, so that a new run starts there instead of refusing to
+    resume. Returns whether one was removed. Other files of the folder are left alone."""
+    if not can_resume(run_dir) or started_with(run_dir, config):
+        return False
+    for name in (CHECKPOINT_FILE, PRIOR_FILE, METRICS_FILE, RUN_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    return True
 
 
 @torch.no_grad()

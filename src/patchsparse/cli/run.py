@@ -32,7 +32,7 @@ from patchsparse.learn.config import LearnConfig, with_overrides
 from patchsparse.learn.presets import preset_config
 from patchsparse.models import load_model, select_linears
 from patchsparse.models.builtin import DEFAULT_MODEL
-from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity
+from patchsparse.pipeline import can_resume, discard_other_run, learn_pipeline, masked_perplexity
 from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.oneshot import prune_model
 from patchsparse.masks.tiles import check_hybrid_sparsity
@@ -59,7 +59,7 @@ class RunSettings:
     distill: float | None = None  # overrides the preset's distillation share α
     reconstruct: str | None = None  # weight reconstruction after extraction (None: none)
     blockwise: int = 0  # steps per block of block-wise learning (0: end to end)
-    init_allocation: str | None = None  # where the tile prior starts the dense share (None: uniform)
+    init_allocation: str | None = "edges"  # where the tile prior starts the dense share (None: uniform)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,9 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="fixed",
                    help="weight reconstruction of the learned masks: fixed = exact least squares under the learned "
                         "mask (default), repick = SparseGPT re-picks the 2:4 groups of the sparse tiles, none")
-    p.add_argument("--init-allocation", choices=("uniform", "edges"), default="uniform",
-                   help="where the tile prior starts the dense share: uniform = every layer at the target "
-                        "(default), edges = the first and last blocks dense, the others 2:4")
+    p.add_argument("--init-allocation", choices=("uniform", "edges"), default="edges",
+                   help="where the tile prior starts the dense share: edges = the first and last blocks dense, "
+                        "the others 2:4 (default), uniform = every layer at the target (the published prior)")
     p.add_argument("--fresh", action="store_true", help="recompute every step instead of reusing finished ones")
     add_json_arg(p)
     p.set_defaults(handler=run_main)
@@ -211,6 +211,8 @@ def _run_main(args: argparse.Namespace, settings: RunSettings) -> int:
 
     def patch() -> dict[str, Any]:
         config = run_config(settings)
+        if discard_other_run(out, config):  # this step is being redone with other settings
+            log(f"the learning run saved in {out} had other settings; learning from the start")
         windows = shuffled_blocks(train_ids, config.train.seqlen, settings.seed)
         blockwise = BlockwiseConfig(settings.blockwise) if settings.blockwise else None
         needs_calibration = blockwise is not None or settings.reconstruct is not None or not can_resume(out)
