@@ -39,8 +39,8 @@ def discard_other_run(run_dir: Path, config: LearnConfig) -> bool:
     """Remove the learning run saved in `run_dir` (prior, checkpoint, metrics) when it was started
     with other settings than `config`, so that a new run starts there instead of refusing to
     resume. Returns whether one was removed. Other files of the folder are left alone."""
-    if not can_resume(run_dir) or started_with(run_dir, config):
-        return False
+    if not (run_dir / RUN_FILE).is_file() or started_with(run_dir, config):
+        return False  # (without a run file, e.g. block-wise runs, only the prior is there to reuse)
     for name in (CHECKPOINT_FILE, PRIOR_FILE, METRICS_FILE, RUN_FILE):
         (run_dir / name).unlink(missing_ok=True)
     return True

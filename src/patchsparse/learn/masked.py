@@ -5,8 +5,9 @@ output of a `HybridMask` module that holds the layer's mask logits (fp32, whatev
 dtype). The training step builds every layer's soft weight once per micro-batch, before the
 forward (`soft_weights_built_once`), so activation checkpointing does not build it a second time
 in its recompute; with `TrainConfig.cache_soft_weights` off it is built inside the layer's own
-forward instead, freed after it and rebuilt during backward (less memory, more time). Removing the parametrization with `leave_parametrized=False` restores the
-original weight; the hard masks go through `extract_masks` into a `HybridMaskSpec`.
+forward instead, freed after it and rebuilt during backward (less memory, more time). Removing
+the parametrization with `leave_parametrized=False` restores the original weight; the hard masks
+go through `extract_masks` into a `HybridMaskSpec`.
 
 All masks of one model share a `MaskSampler`, the per-step sampling state (temperatures, logit
 scales, noise stream) that the training loop sets before each step.
