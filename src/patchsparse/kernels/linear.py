@@ -291,17 +291,22 @@ class DenseLinear(nn.Linear):
     """A masked layer kept as a plain dense product because its packed form was measured slower.
 
     Its weight is the masked weight (pruned entries zero), so its outputs are the hybrid layer's;
-    `measured_speedup` is dense time / packed time from the conversion-time measurement (< 1).
+    `measured_speedup` is dense time / packed time from the conversion-time measurement.
     """
 
     backend = "dense"
     kernel_path = "dense (packed was slower)"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, measured_speedup: float):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.measured_speedup = measured_speedup
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.measured_speedup: float | None = None
+
+    @classmethod
+    def of(cls, packed: HybridLinear) -> "DenseLinear":
+        """The same layer as a plain dense product: the packed layer's masked weight and bias."""
+        return cls(packed.dense_weight().contiguous(), packed.bias)
 
     @property
     def packed_dtype(self) -> torch.dtype:
@@ -311,7 +316,8 @@ class DenseLinear(nn.Linear):
         return self.kernel_path
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", measured packed speed-up {self.measured_speedup:.2f}x"
+        measured = "" if self.measured_speedup is None else f", measured packed speed-up {self.measured_speedup:.2f}x"
+        return super().extra_repr() + measured
 
 
 # The token count at which `auto` conversion decides between packed and dense: decode, one token
@@ -327,14 +333,6 @@ def decode_speedup(packed: nn.Module, dense: nn.Linear, tokens: int = DECISION_T
                     generator=torch.Generator(weight.device).manual_seed(0))
     times = time_interleaved([lambda: dense(x), lambda: packed(x)], weight.device, rounds=5, budget=0.002)
     return min(times[0]) / min(times[1])
-
-
-def _masked_dense(linear: nn.Linear, mask: LayerMask, dtype: torch.dtype | None) -> DenseLinear:
-    weight = linear.weight.detach() * mask.keep_mask().to(linear.weight.device)
-    bias = None if linear.bias is None else linear.bias.detach()
-    if dtype is not None:
-        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-    return DenseLinear(weight.contiguous(), bias, measured_speedup=float("nan"))
 
 
 @torch.no_grad()
@@ -355,10 +353,9 @@ def convert_model(model: nn.Module, spec: HybridMaskSpec, backend: str = "auto",
     for name, module in found.items():
         layer = HybridLinear.from_dense(module, spec.layers[name], backend=backend, dtype=dtype)
         if measure:
-            dense = _masked_dense(module, spec.layers[name], dtype)
-            speedup = decode_speedup(layer, dense)
-            if speedup < 1.0:
-                dense.measured_speedup = speedup
+            dense = DenseLinear.of(layer)
+            dense.measured_speedup = decode_speedup(layer, dense)
+            if dense.measured_speedup < 1.0:
                 layer = dense
         converted[name] = layer
     for name, module in converted.items():
