@@ -26,7 +26,8 @@ import torch
 from patchsparse.data import load_corpus, tokenize_texts
 from patchsparse.inference import kernel_paths
 from patchsparse.kernels import convert_model, synthetic_spec
-from patchsparse.kernels.bench import PURE_2_4, machine_lines, synchronize
+from patchsparse.kernels.bench import PURE_2_4, machine_lines
+from patchsparse.kernels.timing import synchronize
 from patchsparse.models import load_model, select_linears
 from patchsparse.models.builtin import DEFAULT_MODEL
 from patchsparse.records import make_record, write_record

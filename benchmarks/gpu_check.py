@@ -194,7 +194,8 @@ def part_layers(ctx: dict, out: Path) -> None:
 
     from patchsparse.inference import kernel_path
     from patchsparse.kernels import HybridLinear
-    from patchsparse.kernels.bench import DEFAULT_MODEL_SHAPES, LLAMA7B_SHAPES, time_interleaved
+    from patchsparse.kernels.bench import DEFAULT_MODEL_SHAPES, LLAMA7B_SHAPES
+    from patchsparse.kernels.timing import time_interleaved
 
     dry, device = ctx["dry_run"], ctx["device"]
     dtype = torch.float32 if dry else torch.bfloat16
@@ -256,7 +257,7 @@ def part_e2e(ctx: dict, out: Path) -> None:
 
     from patchsparse.inference import kernel_paths, timed_generate
     from patchsparse.kernels import convert_model
-    from patchsparse.kernels.bench import synchronize, time_interleaved
+    from patchsparse.kernels.timing import synchronize, time_interleaved
     from patchsparse.masks import HybridMaskSpec
     from patchsparse.models import select_linears
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from patchsparse.kernels.linear import HybridLinear
 from patchsparse.kernels.synthetic import synthetic_layer_mask
-from patchsparse.kernels.timing import synchronize, time_interleaved  # noqa: F401  (re-exported)
+from patchsparse.kernels.timing import time_interleaved
 from patchsparse.utils import progress
 
 DEFAULT_MODEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]   # SmolLM2-135M (out, in)
