@@ -160,19 +160,23 @@ def _normalised(config_dict: dict) -> str:
     return json.dumps(config_dict, sort_keys=True, default=list)
 
 
+def _as_today(saved_config: dict) -> dict:
+    """A saved config as this version writes it: a setting added since counts as its default."""
+    return LearnConfig.from_dict(saved_config).to_dict()
+
+
 def started_with(out_dir: Path, config: LearnConfig) -> bool:
-    """Whether the learning run saved in `out_dir` was started with `config` (a setting added since
-    it was saved counts as its default); False when there is none or it cannot be read."""
+    """Whether the learning run saved in `out_dir` was started with `config`; False when there is
+    none or it cannot be read."""
     try:
         saved = json.loads((Path(out_dir) / RUN_FILE).read_text())["config"]
-        return _normalised(LearnConfig.from_dict(saved).to_dict()) == _normalised(config.to_dict())
+        return _normalised(_as_today(saved)) == _normalised(config.to_dict())
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
 def _check_same_run(saved: dict, config: LearnConfig, layers: dict[str, list[int]]) -> None:
-    # through from_dict, so that a setting added since the checkpoint was written counts as its default
-    saved_config = LearnConfig.from_dict(saved["config"]).to_dict()
+    saved_config = _as_today(saved["config"])
     if _normalised(saved_config) != _normalised(config.to_dict()):
         a, b = json.loads(_normalised(saved_config)), json.loads(_normalised(config.to_dict()))
         diffs = [f"{part}.{k}" for part in a for k in a[part] if a[part].get(k) != b.get(part, {}).get(k)]
