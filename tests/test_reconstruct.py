@@ -12,7 +12,9 @@ from patchsparse.prior.oneshot import prune_model
 from patchsparse.prior.pattern import PrunePattern
 from patchsparse.prior.pruners import magnitude_mask
 from patchsparse.prior.stats import HessianStat
-from patchsparse.reconstruct import masked_least_squares, reconstruct_model
+from patchsparse.models.layers import decoder_layers
+from patchsparse.prior.layerwise import capture_layer_inputs, relative_block_error
+from patchsparse.reconstruct import BlockFit, masked_least_squares, reconstruct_blocks, reconstruct_model
 from tests.conftest import build_tiny_llama
 from tests.prior.test_reconstruction import structured_inputs
 
@@ -119,6 +121,88 @@ def test_fixed_keeps_the_mask_and_lowers_the_first_layers_output_error():
     assert torch.equal(W_hat[~keep], torch.zeros(int((~keep).sum())))
     X = captured["x"]
     assert float((X @ (dense_weight - W_hat).T).norm()) < float((X @ (dense_weight - dense_weight * keep).T).norm())
+
+
+def _dense_stream_targets(model, windows):
+    """What each dense decoder block outputs on the dense model's activations, and its input."""
+    _, layers = decoder_layers(model)
+    inputs = capture_layer_inputs(model, windows, layers, batch_size=2)
+    x, pairs = inputs.hidden, []
+    for index, layer in enumerate(layers):
+        y = inputs.outputs(layer, index, x)
+        pairs.append((x, y))
+        x = y
+    return inputs, pairs
+
+
+def _all_kept(spec, names):
+    return HybridMaskSpec({n: (LayerMask(torch.ones_like(l.sparse_keep), "unstructured") if n in names else l)
+                           for n, l in spec.layers.items()}, spec.metadata)
+
+
+def test_block_fit_keeps_the_mask_and_lowers_each_blocks_error_against_the_dense_model():
+    model = build_tiny_llama(320)
+    spec = _hybrid_spec(model)
+    inputs, pairs = _dense_stream_targets(model, _windows())
+    _, layers = decoder_layers(model)
+    # the masks alone, over the dense weights: the first block's error against the dense block
+    masked = build_tiny_llama(320)
+    spec.apply_(masked)
+    x0, y0 = pairs[0]
+    before = float(relative_block_error(inputs.outputs(decoder_layers(masked)[1][0], 0, x0), y0, x0))
+    metrics = reconstruct_blocks(model, spec, _windows(), BlockFit(steps=40, lr=3e-3, windows_per_step=2))
+    for name, linear in select_linears(model).items():
+        keep = spec.layers[name].keep_mask()
+        assert torch.equal(linear.weight[~keep], torch.zeros(int((~keep).sum())))
+    after = float(relative_block_error(inputs.outputs(layers[0], 0, x0), y0, x0))
+    assert after < 0.5 * before
+    assert [m["block"] for m in metrics] == [0, 1]
+    assert metrics[0]["relative_error"] == pytest.approx(after, rel=1e-4)
+    assert all(m["relative_error"] < m["first_step_error"] for m in metrics)
+
+
+def test_block_fit_corrects_the_error_of_the_blocks_before_not_only_its_own():
+    # Block 1 keeps every weight. Fitted to the dense block on its own (pruned-model) inputs it would
+    # have nothing to change; fitted to the dense model's activations it must absorb block 0's error.
+    model = build_tiny_llama(320)
+    block_1 = {n for n in select_linears(model) if n.startswith("model.layers.1.")}
+    spec = _all_kept(_hybrid_spec(model), block_1)
+    dense = {n: l.weight.detach().clone() for n, l in select_linears(model).items()}
+    inputs, pairs = _dense_stream_targets(model, _windows())
+    _, layers = decoder_layers(model)
+    reconstruct_blocks(model, spec, _windows(), BlockFit(steps=40, lr=3e-4, windows_per_step=2))
+    linears = select_linears(model)
+    assert sum(float((linears[n].weight - dense[n]).abs().max()) for n in block_1) > 1e-4
+    (x0, _), (x1, y1) = pairs
+    x1_pruned = inputs.outputs(layers[0], 0, x0)  # what the reconstructed block 0 hands block 1
+    fitted = float(relative_block_error(inputs.outputs(layers[1], 1, x1_pruned), y1, x1))
+    with torch.no_grad():
+        for n in block_1:
+            linears[n].weight.copy_(dense[n])
+    assert fitted < 0.9 * float(relative_block_error(inputs.outputs(layers[1], 1, x1_pruned), y1, x1))
+
+
+def test_block_fit_with_nothing_pruned_changes_nothing():
+    # every block already reproduces the dense model exactly: zero loss, zero gradient, no Adam move
+    model = build_tiny_llama(320)
+    before = {n: l.weight.detach().clone() for n, l in select_linears(model).items()}
+    spec = _all_kept(_hybrid_spec(model), set(before))
+    metrics = reconstruct_blocks(model, spec, _windows(), BlockFit(steps=5, lr=1e-2, windows_per_step=2))
+    for name, linear in select_linears(model).items():
+        assert torch.equal(linear.weight, before[name])
+    assert all(m["relative_error"] == 0.0 for m in metrics)
+
+
+def test_block_mode_through_reconstruct_model_and_its_refusals():
+    model = build_tiny_llama(320)
+    spec = _hybrid_spec(model)
+    new = reconstruct_model(model, spec, _windows(), "block", block_fit=BlockFit(steps=2))
+    assert new.metadata["reconstruction"] == "block" and new.metadata["reconstruction_steps_per_block"] == 2
+    assert all(torch.equal(new.layers[n].keep_mask(), spec.layers[n].keep_mask()) for n in spec.layers)
+    with pytest.raises(PatchsparseError, match="at least one step"):
+        reconstruct_model(model, spec, _windows(), "block", block_fit=BlockFit(steps=0))
+    with pytest.raises(PatchsparseError, match="positive learning rate"):
+        reconstruct_model(model, spec, _windows(), "block", block_fit=BlockFit(lr=0.0))
 
 
 def test_refusals():

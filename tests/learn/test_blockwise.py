@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from patchsparse.extract import extract_masks
-from patchsparse.learn.blockwise import BlockwiseConfig, learn_blockwise, relative_block_error
+from patchsparse.learn.blockwise import BlockwiseConfig, learn_blockwise
 from patchsparse.learn.masked import HARD, OFF, remove_masks
 from patchsparse.models.layers import decoder_layers
-from patchsparse.prior.layerwise import capture_layer_inputs
+from patchsparse.prior.layerwise import capture_layer_inputs, relative_block_error
 
 from tests.conftest import build_tiny_llama
 from tests.learn.helpers import tiny_config, tiny_prior, tiny_windows
@@ -27,16 +27,10 @@ def _first_block_error(model, masked, windows, mode):
     masked.sampler.mode = OFF
     inputs = capture_layer_inputs(model, windows, layers, batch_size=2)
     x = inputs.hidden.clone()
-    with torch.no_grad():
-        target = torch.cat([_call(layers[0], x[r], inputs) for r in inputs.batches()])
-        masked.sampler.mode = mode
-        output = torch.cat([_call(layers[0], x[r], inputs) for r in inputs.batches()])
+    target = inputs.outputs(layers[0], 0, x)
+    masked.sampler.mode = mode
+    output = inputs.outputs(layers[0], 0, x)
     return float(relative_block_error(output, target, x))
-
-
-def _call(layer, x, inputs, index=0):
-    out = layer(x, *inputs.extra_args[index][x.shape[0]], **inputs.kwargs[index][x.shape[0]])
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @pytest.mark.parametrize("mode", ["patch-tile", "patch-joint"])

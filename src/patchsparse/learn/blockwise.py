@@ -30,7 +30,7 @@ from patchsparse.learn.masked import HARD, OFF, SAMPLE, MaskedModel, attach_mask
 from patchsparse.learn.objective import sparsity_regulariser
 from patchsparse.learn.schedules import cosine_lr
 from patchsparse.models.layers import block_index, decoder_layers
-from patchsparse.prior.layerwise import LayerInputs, capture_layer_inputs
+from patchsparse.prior.layerwise import LayerInputs, capture_layer_inputs, relative_block_error
 from patchsparse.prior.types import PriorMasks
 from patchsparse.utils import progress
 
@@ -43,22 +43,6 @@ class BlockwiseConfig:
     def check(self) -> None:
         if self.steps < 1 or self.windows_per_step < 1:
             raise PatchsparseError("block-wise learning needs at least one step and one window per step")
-
-
-def relative_block_error(output: torch.Tensor, target: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
-    """‖output − target‖² / ‖target − input‖²: the error relative to what the block adds. -> scalar"""
-    return (output.float() - target.float()).pow(2).sum() / (target.float() - block_input.float()).pow(2).sum().clamp_min(1e-12)
-
-
-def _layer_output(layer: nn.Module, x: torch.Tensor, inputs: LayerInputs, index: int) -> torch.Tensor:
-    size = x.shape[0]
-    out = layer(x, *inputs.extra_args[index][size], **inputs.kwargs[index][size])
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def _outputs(layer: nn.Module, inputs: LayerInputs, index: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([_layer_output(layer, x[rows], inputs, index) for rows in inputs.batches()])
 
 
 def learn_blockwise(model: nn.Module, calib_windows: torch.Tensor, config: LearnConfig, prior: PriorMasks | None,
@@ -95,13 +79,13 @@ def learn_blockwise(model: nn.Module, calib_windows: torch.Tensor, config: Learn
             x = inputs.hidden
             if index in blocks:
                 sampler.mode = OFF
-                target = _outputs(layer, inputs, index, x)
+                target = inputs.outputs(layer, index, x)
                 metrics = _learn_block(layer, index, inputs, x, target, masked, blocks[index], local, batches,
                                        generator)
                 if on_block_end is not None:
                     on_block_end(index, metrics)
             sampler.mode = HARD  # the next block learns on what this one will really give it
-            inputs.hidden = _outputs(layer, inputs, index, x)
+            inputs.hidden = inputs.outputs(layer, index, x)
     finally:
         sampler.mode = HARD
     return masked
@@ -129,7 +113,7 @@ def _learn_block(layer: nn.Module, index: int, inputs: LayerInputs, x: torch.Ten
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             rows = batches[order[step % len(order)]]
-            loss = relative_block_error(_layer_output(layer, x[rows], inputs, index), target[rows], x[rows])
+            loss = relative_block_error(inputs.output(layer, index, x[rows]), target[rows], x[rows])
             error = float(loss.detach())
             if mc.learns_tiles and config.objective.sparse_reg > 0:
                 reg, _ = sparsity_regulariser(block, mc.sparsity, "global")

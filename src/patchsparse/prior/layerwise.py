@@ -49,17 +49,31 @@ class LayerInputs:
         for start in range(0, self.hidden.shape[0], self.batch_size):
             yield slice(start, min(start + self.batch_size, self.hidden.shape[0]))
 
+    def output(self, layer: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Decoder layer `index` on a batch `x` of its inputs (rows of `hidden` or a tensor like them),
+        with gradients if enabled. -> (rows, T, hidden)"""
+        size = x.shape[0]
+        out = layer(x, *self.extra_args[index][size], **self.kwargs[index][size])
+        return out[0] if isinstance(out, (tuple, list)) else out  # older layers return (hidden_states, ...)
+
+    @torch.no_grad()
+    def outputs(self, layer: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Decoder layer `index` on all of `x` (N, T, hidden), batch by batch. -> (N, T, hidden)"""
+        return torch.cat([self.output(layer, index, x[rows]) for rows in self.batches()])
+
     @torch.no_grad()
     def run(self, layer: nn.Module, index: int, write_outputs: bool) -> None:
         """Call decoder layer `index` on every batch; with `write_outputs`, its outputs replace its inputs."""
         for rows in self.batches():
-            x = self.hidden[rows]
-            size = x.shape[0]
-            out = layer(x, *self.extra_args[index][size], **self.kwargs[index][size])
-            if isinstance(out, (tuple, list)):  # older layers return (hidden_states, ...)
-                out = out[0]
+            out = self.output(layer, index, self.hidden[rows])
             if write_outputs:
                 self.hidden[rows] = out
+
+
+def relative_block_error(output: torch.Tensor, target: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
+    """‖output − target‖² / ‖target − input‖²: a block's output error relative to what the block adds
+    to the residual stream, so that it reads the same whatever the stream's scale. -> scalar"""
+    return (output.float() - target.float()).pow(2).sum() / (target.float() - block_input.float()).pow(2).sum().clamp_min(1e-12)
 
 
 @torch.no_grad()
