@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from patchsparse.data import random_windows
+from patchsparse.errors import PatchsparseError
 from patchsparse.data.windows import shuffled_blocks
 from patchsparse.evaluate import evaluate_perplexity
 from patchsparse.learn.blockwise import BlockwiseConfig
@@ -25,6 +26,7 @@ from patchsparse.models.layers import MLP_ONLY, LayerSelection
 from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity
 from patchsparse.prior.allocation import allocate_blocks
 from patchsparse.prior.oneshot import prune_model
+from patchsparse.reconstruct import reconstruct_blocks, updated_weights
 
 from quality_report import settings_key
 from quality_specs import FULL_WIDTH, MethodSpec
@@ -115,6 +117,12 @@ def run_oneshot(bench: Bench, spec: MethodSpec, selection: LayerSelection = Laye
     sparsity = spec.sparsity if spec.pattern in ("unstructured", "hybrid") else None  # N:M implies its own
     spec_masks = prune_model(bench.model, bench.calibration(), spec.pruner, "2:4" if hybrid else spec.pattern,
                              sparsity, tile=tile, selection=selection)
+    if spec.reconstruct == "block":  # continue from the pruner's update: the fit needs the dense weights in place
+        updated = updated_weights(bench.model, spec_masks)
+        bench.restore()
+        reconstruct_blocks(bench.model, spec_masks, bench.calibration(), start=updated)
+    elif spec.reconstruct is not None:
+        raise PatchsparseError(f"{spec.name}: one-shot rows reconstruct only with 'block'")
     seconds = time.perf_counter() - start
     try:
         ppl = bench.perplexities(spec.name)

@@ -32,7 +32,8 @@ class MethodSpec:
     seed: int = 0                  # learned: training seed (noise, init, window order)
     allocation: str | None = None  # blocks: edges | owl; learned: the tile prior's start (edges)
     distill: float = 0.0           # learned: share α of the dense-model distillation term
-    reconstruct: str | None = None  # learned: weight reconstruction after extraction (repick | fixed)
+    reconstruct: str | None = None  # weight reconstruction after the masks (learned: repick | fixed | block;
+                                    # one-shot: block, from the pruner's own update)
     blockwise: int = 0             # learned: steps per block of block-wise learning (0: end to end)
 
 
@@ -53,7 +54,7 @@ def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (
                                 f"SparseGPT hybrid {s:.0%} (one-shot tiles, weight update)", s, pattern="hybrid"))
     specs.append(MethodSpec("sparsegpt-2:4-mlp", "oneshot", "sparsity-matched baselines",
                             "SparseGPT 2:4, MLP projections only", 0.5, layers="mlp"))
-    for s in (0.35, 0.45):
+    for s in (0.25, 0.35, 0.45):
         specs.append(MethodSpec(f"blocks-edges-{s:.0%}", "blocks", "sparsity-matched baselines",
                                 f"SparseGPT 2:4 on middle blocks (first/last dense) {s:.0%}", s, allocation="edges"))
         specs.append(MethodSpec(f"blocks-owl-{s:.0%}", "blocks", "sparsity-matched baselines",
@@ -68,13 +69,14 @@ def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (
 
 
 LEVER_LABELS = {"fixed": "least-squares weights", "repick": "SparseGPT re-pick", "distill": "distillation",
-                "blockwise": "block-wise", "edges": "edge-block start"}
+                "blockwise": "block-wise", "edges": "edge-block start", "block": "block reconstruction"}
 # Rows that differ only in the reconstruction share one training run.
 LEVERS = {"fixed": {"reconstruct": "fixed"}, "repick": {"reconstruct": "repick"},
           "distill": {"distill": LEVER_DISTILL}, "distill-fixed": {"distill": LEVER_DISTILL, "reconstruct": "fixed"},
           "blockwise": {"blockwise": LEVER_BLOCKWISE},
           "blockwise-fixed": {"blockwise": LEVER_BLOCKWISE, "reconstruct": "fixed"},
-          "edges": {"allocation": "edges"}, "edges-fixed": {"allocation": "edges", "reconstruct": "fixed"}}
+          "edges": {"allocation": "edges"}, "edges-fixed": {"allocation": "edges", "reconstruct": "fixed"},
+          "block": {"reconstruct": "block"}, "edges-block": {"allocation": "edges", "reconstruct": "block"}}
 
 
 def lever_specs() -> list[MethodSpec]:
@@ -90,6 +92,15 @@ def lever_specs() -> list[MethodSpec]:
                             mode="maskllm", distill=LEVER_DISTILL))
     specs.append(MethodSpec("maskllm-2:4-fixed", "learned", "levers", "MaskLLM 2:4 + least-squares weights", 0.5,
                             mode="maskllm", reconstruct="fixed"))
+    specs.append(MethodSpec("maskllm-2:4-block", "learned", "levers", "MaskLLM 2:4 + block reconstruction", 0.5,
+                            mode="maskllm", reconstruct="block"))
+    # the same reconstruction on the one-shot baselines, so that learning is judged against them too
+    specs.append(MethodSpec("sparsegpt-2:4-block", "oneshot", "levers", "SparseGPT 2:4 + block reconstruction",
+                            0.5, reconstruct="block"))
+    for s in (0.25, 0.35, 0.45):
+        specs.append(MethodSpec(f"blocks-edges-{s:.0%}-block", "blocks", "levers",
+                                f"SparseGPT 2:4 on middle blocks {s:.0%} + block reconstruction", s,
+                                allocation="edges", reconstruct="block"))
     return specs
 
 

@@ -16,7 +16,7 @@ def _dense(model):
     return {n: l.weight.detach().clone() for n, l in select_linears(model).items()}
 
 
-@pytest.mark.parametrize("reconstruct", [None, "repick", "fixed"])
+@pytest.mark.parametrize("reconstruct", [None, "repick", "fixed", "block"])
 def test_pipeline_returns_masks_and_leaves_the_dense_weights(tiny_tokenizer, tmp_path, reconstruct):
     vocab = len(tiny_tokenizer)
     model = build_tiny_llama(vocab)
@@ -123,6 +123,42 @@ def test_reconstruct_before_figure_is_the_masks_with_their_saved_weights(tiny_mo
     pruned = json.loads((tmp_path / "prune.json").read_text())["figures"]["perplexity"]["perplexity"]
     before = json.loads((tmp_path / "rec.json").read_text())["figures"]["perplexity_before"]
     assert before == pytest.approx(pruned, rel=1e-5)
+
+
+def test_reconstruct_block_continues_from_the_saved_weights(tiny_model_dir, tmp_path, monkeypatch):
+    """`reconstruct --mode block` on a SparseGPT directory starts its fit from SparseGPT's weights,
+    with the fit's settings from the command line, and the result is saved as masks + weights."""
+    import patchsparse.cli.reconstruct as command
+
+    words = "sparse dense tile mask weight group pattern keep learn model layer".split()
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(" ".join(words[(i * 3 + j) % len(words)] for j in range(40)) + f" {i}."
+                                for i in range(60)))
+    common = ["--model", str(tiny_model_dir), "--data", str(text), "--seqlen", "32", "--calib-windows", "2"]
+    masks = tmp_path / "sgpt"
+    assert main(["prune", *common, "--method", "sparsegpt", "--out", str(masks)]) == 0
+    saved = load_updated_weights(masks, load_mask_spec(masks))
+    seen = {}
+    real = command.reconstruct_model
+
+    def spy(model, spec, calib, mode, **kwargs):
+        seen.update(mode=mode, fit=kwargs["block_fit"], start=kwargs["start"])
+        return real(model, spec, calib, mode, **kwargs)
+
+    monkeypatch.setattr(command, "reconstruct_model", spy)
+    out = tmp_path / "rec"
+    assert main(["reconstruct", *common, "--masks", str(masks), "--out", str(out), "--mode", "block",
+                 "--block-steps", "3", "--block-lr", "0.002", "--block-windows", "1"]) == 0
+    assert seen["mode"] == "block" and (seen["fit"].steps, seen["fit"].lr, seen["fit"].windows_per_step) == (3, 0.002, 1)
+    assert set(seen["start"]) == set(saved) and all(torch.equal(seen["start"][n], saved[n]) for n in saved)
+    spec = load_mask_spec(out)
+    weights = load_updated_weights(out, spec)
+    assert spec.metadata["reconstruction"] == "block" and spec.metadata["reconstruction_steps_per_block"] == 3
+    assert any(not torch.equal(weights[n], saved[n]) for n in saved)  # the fit moved SparseGPT's weights
+    with pytest.raises(SystemExit) as refused:  # argparse's own one-line error
+        main(["reconstruct", *common, "--masks", str(masks), "--out", str(tmp_path / "bad"), "--mode", "block",
+              "--block-lr", "0"])
+    assert refused.value.code == 2 and not (tmp_path / "bad").exists()
 
 
 def test_a_saved_learning_run_with_other_settings_is_discarded_not_resumed(tiny_tokenizer, tmp_path):

@@ -94,9 +94,9 @@ def _common_tile(spec: HybridMaskSpec) -> tuple[int, int] | None:
 class BlockFit:
     """How `block` reconstruction trains each decoder block's kept weights."""
 
-    steps: int = 32            # Adam steps per block
+    steps: int = 64            # Adam steps per block
     windows_per_step: int = 2  # calibration windows in one step's batch
-    lr: float = 1e-4           # peak learning rate (cosine decay to a tenth over each block's steps)
+    lr: float = 3e-3           # peak learning rate (cosine decay to a tenth over each block's steps)
     seed: int = 0              # order of the windows
 
     def check(self) -> None:
@@ -190,11 +190,13 @@ def _fit_block(layer: nn.Module, index: int, inputs: LayerInputs, block: dict[st
 
 def reconstruct_model(model: nn.Module, spec: HybridMaskSpec, calib_windows: torch.Tensor, mode: str = "repick", *,
                       options: SparseGPTOptions = SparseGPTOptions(), batch_size: int = 1,
-                      block_fit: BlockFit = BlockFit()) -> HybridMaskSpec:
+                      block_fit: BlockFit = BlockFit(), start: dict[str, torch.Tensor] | None = None) -> HybridMaskSpec:
     """Reconstruct the weights of `spec`'s layers IN PLACE (the model must hold its dense weights).
 
-    Returns the masks the new weights belong to (`repick` chooses new 2:4 groups; `fixed`
-    returns `spec`'s masks). Every pruned weight is zero afterwards.
+    Returns the masks the new weights belong to (`repick` chooses new 2:4 groups; `fixed` and
+    `block` return `spec`'s masks). Every pruned weight is zero afterwards. `block` starts its fit
+    from `start`'s weights where given (e.g. a one-shot pruner's update); the layer-wise modes always
+    start from the dense weights.
     """
     if mode not in MODES:
         raise PatchsparseError(f"unknown reconstruction '{mode}' (choose {', '.join(MODES)})")
@@ -217,7 +219,7 @@ def reconstruct_model(model: nn.Module, spec: HybridMaskSpec, calib_windows: tor
         return new
 
     if mode == "block":
-        reconstruct_blocks(model, spec, calib_windows, block_fit)
+        reconstruct_blocks(model, spec, calib_windows, block_fit, start=start)
         return HybridMaskSpec(dict(spec.layers), {**metadata, "reconstruction_steps_per_block": block_fit.steps,
                                                   "reconstruction_lr": block_fit.lr})
 

@@ -213,6 +213,13 @@ def test_baseline_runners_on_tiny_model(quality, tiny_model_dir, tiny_tokenizer,
     assert len(owl["sparse_blocks"]) == 1 and owl["sparsity"] == pytest.approx(0.25)
     assert owl["sparse_blocks"] == owl_sparse_blocks(torch.tensor(owl["owl_outlier_ratios"]), 0.35)
     assert owl["tokens_seen"] == 2 * 2 * 32  # the OWL statistics pass and the pruning pass
+    # block reconstruction after SparseGPT (continuing from its update) brings the model towards the
+    # dense one (a random model's perplexity says nothing by itself: the distance to dense's does)
+    dense_ppl = bench.perplexities("dense")["in-domain"]
+    plain = quality.run_spec(bench, by_name["sparsegpt-2:4"])
+    fitted = quality.run_spec(bench, by_name["sparsegpt-2:4-block"])
+    assert fitted["sparsity"] == plain["sparsity"] == pytest.approx(0.5)
+    assert abs(fitted["ppl"]["in-domain"] - dense_ppl) < abs(plain["ppl"]["in-domain"] - dense_ppl)
     # every runner puts the dense weights back
     for name, linear in select_linears(loaded.model).items():
         assert torch.equal(linear.weight, dense[name])
@@ -268,3 +275,5 @@ def test_edge_start_rows_learn_from_the_edge_allocation(quality, runner):
     assert runner.learn_config(edges, settings, None).mask.init_allocation == "edges"
     assert runner.learn_config(plain, settings, None).mask.init_allocation is None
     assert by_name["patch-tile-35%-edges-fixed"].reconstruct == "fixed"
+    assert by_name["patch-tile-35%-edges-block"].reconstruct == "block"
+    assert by_name["blocks-edges-35%-block"].allocation == "edges"

@@ -46,6 +46,16 @@ def positive_int(value: str) -> int:
     return number
 
 
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
 def check_seqlen(seqlen: int, max_positions: int | None, option: str = "--seqlen") -> None:
     if seqlen < 2:
         raise PatchsparseError(f"{option} must be at least 2, got {seqlen}")

@@ -92,8 +92,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="calibration windows per block-wise step (default: 2)")
     p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="none",
                    help="after extraction, update the kept weights on the calibration windows (saved beside the "
-                        "masks): repick = dense tiles kept, 2:4 groups re-chosen by SparseGPT; fixed = exact "
-                        "least squares under the learned mask (default: none)")
+                        "masks): block = each block's kept weights fitted to the dense model's block outputs; "
+                        "fixed = exact least squares per layer under the learned mask; repick = dense tiles kept, "
+                        "2:4 groups re-chosen by SparseGPT (default: none)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the prior and learned masks on the eval split (default: on; --no-eval skips)")
     p.add_argument("--eval-windows", type=int, default=16,

@@ -83,9 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="share of the dense-model distillation term in [0, 1] (default: the preset's)")
     p.add_argument("--blockwise", type=int, default=0, metavar="STEPS",
                    help="learn block by block on the calibration windows, STEPS steps per block (0: end to end)")
-    p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="fixed",
-                   help="weight reconstruction of the learned masks: fixed = exact least squares under the learned "
-                        "mask (default), repick = SparseGPT re-picks the 2:4 groups of the sparse tiles, none")
+    p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="block",
+                   help="weight reconstruction of the learned masks: block = each block's kept weights fitted to the "
+                        "dense model's block outputs (default), fixed = exact least squares per layer, repick = "
+                        "SparseGPT re-picks the 2:4 groups of the sparse tiles, none")
     p.add_argument("--init-allocation", choices=("uniform", "edges"), default="edges",
                    help="where the tile prior starts the dense share: edges = the first and last blocks dense, "
                         "the others 2:4 (default), uniform = every layer at the target (the published prior)")

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The block-reconstruction rows of the quality benchmark, most important first, on the CPU:
+#   bash benchmarks/levers_study.sh [OUTDIR]      (default runs/levers; resumable, about 90 min on 2 cores)
+# Each group pairs the learned masks with the strongest one-shot baseline at the same sparsity,
+# both with and without the same block reconstruction. Writes OUTDIR/RESULTS.md (not docs/RESULTS.md).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${1:-$root/runs/levers}"
+python="${PYTHON:-$root/.venv/bin/python}"
+[ -x "$python" ] || python=python3
+export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
+for rows in dense,patch-tile-35%-edges-block,blocks-edges-35%,blocks-edges-35%-block \
+            patch-tile-45%-edges-block,blocks-edges-45%,blocks-edges-45%-block \
+            sparsegpt-2:4,sparsegpt-2:4-block,maskllm-2:4-block \
+            patch-tile-25%-edges-block,blocks-edges-25%,blocks-edges-25%-block; do
+    "$python" "$root/benchmarks/quality.py" --out "$out" --results "$out/RESULTS.md" --only "$rows"
+done
