@@ -5,7 +5,8 @@
 # both with and without the same block reconstruction. Writes OUTDIR/RESULTS.md (not docs/RESULTS.md).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="${1:-$root/runs/levers}"
+cd "$root"  # relative paths, so that the command recorded in the results names no machine's folders
+out="${1:-runs/levers}"
 python="${PYTHON:-$root/.venv/bin/python}"
 [ -x "$python" ] || python=python3
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -13,5 +14,5 @@ for rows in dense,patch-tile-35%-edges-block,blocks-edges-35%,blocks-edges-35%-b
             patch-tile-45%-edges-block,blocks-edges-45%,blocks-edges-45%-block \
             sparsegpt-2:4,sparsegpt-2:4-block,maskllm-2:4-block \
             patch-tile-25%-edges-block,blocks-edges-25%,blocks-edges-25%-block; do
-    "$python" "$root/benchmarks/quality.py" --out "$out" --results "$out/RESULTS.md" --only "$rows"
+    "$python" benchmarks/quality.py --out "$out" --results "$out/RESULTS.md" --only "$rows"
 done

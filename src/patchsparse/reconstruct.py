@@ -30,7 +30,6 @@ import torch.nn as nn
 
 from patchsparse.errors import PatchsparseError
 from patchsparse.masks.spec import HybridMaskSpec
-from patchsparse.learn.schedules import cosine_lr
 from patchsparse.models.layers import LayerSelection, decoder_layers
 from patchsparse.prior.layerwise import (LayerInputs, calibrate_layer_by_layer, capture_layer_inputs,
                                          linears_by_block, relative_block_error)
@@ -113,9 +112,9 @@ def reconstruct_blocks(model: nn.Module, spec: HybridMaskSpec, calib_windows: to
     Block b's kept weights minimise relative_block_error(f_b(X̂_b), f_b^dense(X_b), X_b), where X_b is
     what the dense model gives block b and X̂_b what the already reconstructed blocks give it. The
     model must hold its dense weights (the targets); the fit starts from `start`'s weights where given
-    (e.g. the layer-wise least-squares ones), else from the dense ones. Every pruned weight is zero
-    afterwards. Returns per block
-    the relative error on its first step's batch and on all windows after its fit.
+    (e.g. the layer-wise least-squares ones or a one-shot pruner's update), else from the dense ones.
+    Every pruned weight is zero afterwards. Returns, per block that holds masked layers, the
+    relative error on its first step's batch and on all windows after its fit.
     """
     fit.check()
     linears = spec.check_matches(model)
@@ -155,6 +154,7 @@ def _fit_block(layer: nn.Module, index: int, inputs: LayerInputs, block: dict[st
     gradient is masked, so pruned weights, zero from the start, stay zero. -> the first step's error"""
     masters = {name: linear.weight.detach().float().clone().requires_grad_(True) for name, linear in block.items()}
     optimizer = torch.optim.Adam(list(masters.values()), lr=fit.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=fit.steps, eta_min=0.1 * fit.lr)
     batches = list(inputs.batches())
     flags = {param: param.requires_grad for param in layer.parameters()}
     first = float("nan")
@@ -168,8 +168,6 @@ def _fit_block(layer: nn.Module, index: int, inputs: LayerInputs, block: dict[st
                 if not order:
                     order = torch.randperm(len(batches), generator=generator).tolist()
                 rows = batches[order.pop()]
-                for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(step, fit.steps, fit.lr, 0, 0.1)
                 loss = relative_block_error(inputs.output(layer, index, sparse_x[rows]), target[rows], dense_x[rows])
                 if step == 0:
                     first = float(loss.detach())
@@ -178,6 +176,7 @@ def _fit_block(layer: nn.Module, index: int, inputs: LayerInputs, block: dict[st
                     masters[name].grad = linear.weight.grad.float() * keep[name]
                     linear.weight.grad = None
                 optimizer.step()
+                schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
                     for name, linear in block.items():
