@@ -95,7 +95,7 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
 
     prior: a prior already computed with `prior_method` (e.g. shared by several runs); else it is
     computed here. resume: None resumes whenever `out_dir` holds a started run (`can_resume`); the
-    saved prior is then reused and no calibration runs. reconstruct: None, "repick" or "fixed"
+    saved prior is then reused and no calibration runs. reconstruct: None, "repick", "fixed" or "block"
     (`patchsparse.reconstruct`); the reconstructed weights are returned, the model keeps its own.
     blockwise: learn block by block on the calibration windows (`learn.blockwise`) instead of
     end to end on `train_windows`; such a run keeps no checkpoint (it takes minutes): resuming it
