@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 from patchsparse.data import random_windows
-from patchsparse.errors import PatchsparseError
 from patchsparse.data.windows import shuffled_blocks
+from patchsparse.errors import PatchsparseError
 from patchsparse.evaluate import evaluate_perplexity
 from patchsparse.learn.blockwise import BlockwiseConfig
 from patchsparse.learn.config import LearnConfig, with_overrides
