@@ -31,8 +31,8 @@ from patchsparse.errors import PatchsparseError
 from patchsparse.io.maskfile import load_mask_spec, load_updated_weights
 from patchsparse.models import load_model, select_linears
 from patchsparse.models.builtin import DEFAULT_MODEL
-from patchsparse.pipeline import masked_perplexity
-from patchsparse.reconstruct import BlockFit, reconstruct_blocks, reconstruct_model, updated_weights
+from patchsparse.pipeline import masked_perplexity, reconstructed
+from patchsparse.reconstruct import BlockFit
 
 from quality import load_ood
 
@@ -54,33 +54,21 @@ def parse_way(way: str) -> tuple[str, BlockFit | None]:
     return name, fit
 
 
-def rebuilt_weights(model, spec, saved, calib, name: str, fit: BlockFit | None) -> dict[str, torch.Tensor] | None:
-    """The kept weights of `way` (CPU), computed from the model's dense weights, which it keeps."""
-    linears = spec.check_matches(model)
-    dense = {n: m.weight.detach().clone() for n, m in linears.items()}
-    try:
-        if name == "none":
-            return saved
-        if name in ("fixed", "repick"):
-            reconstruct_model(model, spec, calib, name)
-            return updated_weights(model, spec)
-        start = None
-        if name == "fixed+block":
-            reconstruct_model(model, spec, calib, "fixed")
-            start = updated_weights(model, spec)
-            with torch.no_grad():
-                for n, m in linears.items():
-                    m.weight.copy_(dense[n])
-        elif name == "saved+block":
-            if saved is None:
-                raise PatchsparseError("saved+block needs weights saved beside the masks")
-            start = saved
-        reconstruct_blocks(model, spec, calib, fit, start=start)
-        return updated_weights(model, spec)
-    finally:
-        with torch.no_grad():
-            for n, m in linears.items():
-                m.weight.copy_(dense[n])
+def rebuilt(model, spec, saved, calib, name: str, fit: BlockFit | None):
+    """(masks, kept weights on CPU) of way `name`, computed from the model's dense weights, which it
+    keeps (`repick` returns new masks: its 2:4 groups are chosen again)."""
+    if name == "none":
+        return spec, saved
+    if name in ("fixed", "repick"):
+        new, weights, _ = reconstructed(model, spec, calib, name)
+        return new, weights
+    if name == "saved+block" and saved is None:
+        raise PatchsparseError("saved+block needs weights saved beside the masks")
+    start = {"block": None, "saved+block": saved}.get(name)
+    if name == "fixed+block":
+        _, start, _ = reconstructed(model, spec, calib, "fixed")
+    new, weights, _ = reconstructed(model, spec, calib, "block", block_fit=fit, start=start)
+    return new, weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                 if (str(directory), way) in done:
                     continue
                 start = time.perf_counter()
-                weights = rebuilt_weights(model, spec, saved, calib, name, fit)
+                masks, weights = rebuilt(model, spec, saved, calib, name, fit)
                 seconds = time.perf_counter() - start
-                ppl = {split: masked_perplexity(model, spec, windows, f"{way} {split}", weights)
+                ppl = {split: masked_perplexity(model, masks, windows, f"{way} {split}", weights)
                        for split, windows in evals.items()}
-                pruned = sum(int((~layer.keep_mask()).sum()) for layer in spec.layers.values())
+                pruned = sum(int((~layer.keep_mask()).sum()) for layer in masks.layers.values())
                 record = {"masks": str(directory), "way": way, "sparsity": pruned / total, "ppl": ppl,
                           "seconds": round(seconds, 1), "device": args.device, "calib_windows": args.calib_windows}
                 with open(args.out, "a") as f:

@@ -137,15 +137,16 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
 
 
 def reconstructed(model: nn.Module, spec: HybridMaskSpec, calib_windows: torch.Tensor | None,
-                  mode: str) -> tuple[HybridMaskSpec, dict[str, torch.Tensor], float]:
-    """(new spec, reconstructed weights on CPU, seconds); the model keeps its dense weights."""
+                  mode: str, **options: Any) -> tuple[HybridMaskSpec, dict[str, torch.Tensor], float]:
+    """(new spec, reconstructed weights on CPU, seconds); the model keeps its dense weights.
+    `options` go to `reconstruct_model` (e.g. block_fit, start)."""
     from patchsparse.reconstruct import reconstruct_model, updated_weights
 
     start = time.perf_counter()
     linears = spec.check_matches(model)
     dense = {name: module.weight.detach().clone() for name, module in linears.items()}
     try:
-        new = reconstruct_model(model, spec, calib_windows, mode)
+        new = reconstruct_model(model, spec, calib_windows, mode, **options)
         weights = updated_weights(model, new)
     finally:
         with torch.no_grad():

@@ -83,16 +83,16 @@ def _run_reconstruct(args: argparse.Namespace, options: SparseGPTOptions, fit: B
                     if args.eval else None)
     fingerprint = weights_fingerprint(model, list(spec.layers))
     figures: dict = {"mode": args.mode, "corpus": corpus.name}
+    # the weights saved beside the masks (e.g. SparseGPT's update), read once if anything needs them
+    saved = load_updated_weights(args.masks, spec) if eval_windows is not None or args.mode == "block" else None
     if eval_windows is not None:
         from patchsparse.pipeline import masked_perplexity
 
-        # as saved: with the weights stored beside the masks (e.g. SparseGPT's update), if any
-        figures["perplexity_before"] = masked_perplexity(model, spec, eval_windows, "masks as given",
-                                                         weights=load_updated_weights(args.masks, spec))
+        # as saved: with the weights stored beside the masks, if any
+        figures["perplexity_before"] = masked_perplexity(model, spec, eval_windows, "masks as given", weights=saved)
 
-    # block continues from the weights saved beside the masks (e.g. SparseGPT's update), if any
-    saved = load_updated_weights(args.masks, spec) if args.mode == "block" else None
     start = time.perf_counter()
+    # block continues from the saved weights; the layer-wise modes ignore them
     new = reconstruct_model(model, spec, calib.to(next(model.parameters()).device), args.mode,
                             options=options, batch_size=args.batch_size, block_fit=fit, start=saved)
     new.metadata["weights_updated"] = True
