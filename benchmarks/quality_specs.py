@@ -11,6 +11,7 @@ from patchsparse.prior.methods import pruner_names
 FULL_WIDTH = 0            # tile column count meaning "the layer's whole input width" (row stripes)
 LEVER_DISTILL = 1.0       # distillation share of the lever rows
 LEVER_BLOCKWISE = 64      # steps per block of the block-wise lever rows
+LEVER_JOINT_LR = 1e-3     # weight rate of the rows whose weights learn with the masks block by block
 
 
 # ---- method specs ---------------------------------------------------------------------------------
@@ -35,6 +36,7 @@ class MethodSpec:
     reconstruct: str | None = None  # weight reconstruction after the masks (learned: repick | fixed | block;
                                     # one-shot: block, from the pruner's own update)
     blockwise: int = 0             # learned: steps per block of block-wise learning (0: end to end)
+    blockwise_weight_lr: float = 0.0  # learned block-wise: the weights learn with the masks at this rate
 
 
 def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (16, FULL_WIDTH))) -> list[MethodSpec]:
@@ -94,6 +96,10 @@ def lever_specs() -> list[MethodSpec]:
                             mode="maskllm", reconstruct="fixed"))
     specs.append(MethodSpec("maskllm-2:4-block", "learned", "levers", "MaskLLM 2:4 + block reconstruction", 0.5,
                             mode="maskllm", reconstruct="block"))
+    specs.append(MethodSpec("maskllm-2:4-joint-block", "learned", "levers",
+                            "MaskLLM 2:4 learned block-wise with the weights + block reconstruction", 0.5,
+                            mode="maskllm", blockwise=LEVER_BLOCKWISE, blockwise_weight_lr=LEVER_JOINT_LR,
+                            reconstruct="block"))
     # the same reconstruction on the one-shot baselines, so that learning is judged against them too
     specs.append(MethodSpec("sparsegpt-2:4-block", "oneshot", "levers", "SparseGPT 2:4 + block reconstruction",
                             0.5, reconstruct="block"))

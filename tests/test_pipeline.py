@@ -40,6 +40,34 @@ def test_pipeline_returns_masks_and_leaves_the_dense_weights(tiny_tokenizer, tmp
     assert can_resume(tmp_path / "run")
 
 
+@pytest.mark.parametrize("reconstruct", [None, "block"])
+def test_weights_learned_block_wise_are_returned_under_the_masks_and_start_the_block_fit(tiny_tokenizer, reconstruct,
+                                                                                       monkeypatch):
+    from patchsparse import reconstruct as reconstruction
+    from patchsparse.learn.blockwise import BlockwiseConfig
+
+    vocab = len(tiny_tokenizer)
+    model = build_tiny_llama(vocab)
+    dense = _dense(model)
+    starts = []
+    fit_blocks = reconstruction.reconstruct_blocks
+    monkeypatch.setattr(reconstruction, "reconstruct_blocks",
+                        lambda *args, start=None, **kw: starts.append(start) or fit_blocks(*args, start=start, **kw))
+    result = learn_pipeline(model, tiny_windows(vocab), tiny_windows(vocab, n=4, seed=1), tiny_config("maskllm"),
+                            "sparsegpt", reconstruct=reconstruct,
+                            blockwise=BlockwiseConfig(steps=4, weight_lr=1e-2))
+    assert all(torch.equal(l.weight, dense[n]) for n, l in select_linears(model).items())
+    assert set(result.weights) == set(result.spec.layers)
+    for name, weight in result.weights.items():
+        keep = result.spec.layers[name].keep_mask()
+        assert torch.equal(weight[~keep], torch.zeros(int((~keep).sum())))
+        assert not torch.equal(weight[keep], dense[name][keep])
+    if reconstruct == "block":
+        assert len(starts) == 1 and set(starts[0]) == set(result.spec.layers)
+        assert all(not torch.equal(starts[0][n], dense[n]) for n in starts[0])  # the learned, not the dense, weights
+    assert result.spec.metadata["weights_updated"]
+
+
 def test_a_finished_run_resumes_to_the_same_masks_without_a_prior(tiny_tokenizer, tmp_path):
     vocab = len(tiny_tokenizer)
     config = tiny_config("patch-tile", steps=2, checkpoint_every=1)

@@ -119,11 +119,13 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_prior(prior, out_dir / PRIOR_FILE)
         start = time.perf_counter()
-        masked = learn_blockwise(model, calib_windows, config, prior, blockwise)
+        learned = learn_blockwise(model, calib_windows, config, prior, blockwise)
+        masked, learned_weights = learned.masked, learned.weights
         blocks = len({block_index(name) for name in masked.masks})
         result = LearnResult(masked=masked, config=config, steps_run=blockwise.steps * blocks, resumed_from=None,
                              seconds=time.perf_counter() - start)
     else:
+        learned_weights = None
         result = learn_masks(model, train_windows, config, prior, out_dir, resume=resume, parallel=parallel,
                              shard_optimizer=shard_optimizer)
     seconds["learn"] = result.seconds
@@ -131,8 +133,13 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
     spec = extract_masks(model, policy, target, config.mask.mode, metadata=metadata)
     remove_masks(model)
     weights = None
+    if learned_weights is not None:  # the weights learned with the masks: the block fit starts from them
+        weights = {name: learned_weights[name] * layer.keep_mask().to(learned_weights[name].dtype)
+                   for name, layer in spec.layers.items()}
+        spec.metadata["weights_updated"] = True
     if reconstruct is not None:
-        spec, weights, seconds["reconstruct"] = reconstructed(model, spec, calib_windows, reconstruct)
+        spec, weights, seconds["reconstruct"] = reconstructed(
+            model, spec, calib_windows, reconstruct, **({"start": weights} if weights is not None else {}))
     return PipelineResult(spec, result, prior, weights, seconds)
 
 

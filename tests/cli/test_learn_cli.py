@@ -79,3 +79,28 @@ def test_eval_flag_is_not_ambiguous(tiny_model_dir, text_file, tmp_path, capsys)
     from patchsparse.cli.main import build_parser
 
     assert build_parser().parse_args(["learn", "--eval", "--out", "x"]).eval is True
+
+
+def test_blockwise_weight_learning_saves_its_weights_beside_the_masks(tiny_model_dir, text_file, tmp_path):
+    from patchsparse.io.maskfile import load_updated_weights
+    from patchsparse.models import load_model
+
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, text_file, out, "--mode", "maskllm", "--blockwise", "3",
+                      "--blockwise-weight-lr", "1e-3", "--no-eval")) == 0
+    spec = load_mask_spec(out / "masks")
+    weights = load_updated_weights(out / "masks", spec)
+    dense = load_model(str(tiny_model_dir), device="cpu").model
+    assert set(weights) == set(spec.layers)
+    for name, weight in weights.items():
+        keep = spec.layers[name].keep_mask()
+        assert not weight[~keep].any()
+        assert not torch.equal(weight[keep], dense.get_submodule(name).weight.detach()[keep])
+
+
+@pytest.mark.parametrize("value", ["-1e-3", "nan", "fast"])
+def test_blockwise_weight_lr_must_be_a_number_at_least_zero(tiny_model_dir, text_file, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(_args(tiny_model_dir, text_file, tmp_path / "run", "--blockwise", "2", f"--blockwise-weight-lr={value}"))
+    assert exit_.value.code == 2 and ">= 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -22,14 +22,27 @@ def test_relative_block_error_hand_value():
     assert float(relative_block_error(output + 10, target + 10, x + 10)) == pytest.approx(0.5)
 
 
-def _first_block_error(model, masked, windows, mode):
+def _first_block_error(model, masked, windows, mode, weights=None):
+    """Block 0's relative error against the dense block, masks in `mode`, on `weights` (under the
+    masks) if given, else on the model's own."""
     _, layers = decoder_layers(model)
     masked.sampler.mode = OFF
     inputs = capture_layer_inputs(model, windows, layers, batch_size=2)
     x = inputs.hidden.clone()
     target = inputs.outputs(layers[0], 0, x)
+    originals = {name: model.get_submodule(name).parametrizations.weight.original for name in masked.masks}
+    dense = {name: w.detach().clone() for name, w in originals.items()}
     masked.sampler.mode = mode
-    output = inputs.outputs(layers[0], 0, x)
+    try:
+        with torch.no_grad():
+            for name, w in originals.items():
+                if weights is not None:
+                    w.copy_(weights[name])
+        output = inputs.outputs(layers[0], 0, x)
+    finally:
+        with torch.no_grad():
+            for name, w in originals.items():
+                w.copy_(dense[name])
     return float(relative_block_error(output, target, x))
 
 
@@ -46,7 +59,7 @@ def test_learning_a_block_reduces_its_output_error(tiny_tokenizer, mode):
     model = build_tiny_llama(vocab)
     seen = []
     masked = learn_blockwise(model, windows, config, tiny_prior(model), BlockwiseConfig(steps=40, windows_per_step=2),
-                             on_block_end=lambda b, m: seen.append(b))
+                             on_block_end=lambda b, m: seen.append(b)).masked
     assert seen == [0, 1]
     after = _first_block_error(model, masked, windows, HARD)
     assert after < 0.8 * before
@@ -56,10 +69,34 @@ def test_learning_a_block_reduces_its_output_error(tiny_tokenizer, mode):
     remove_masks(model)
 
 
-def test_blockwise_settings_are_checked(tiny_tokenizer):
+@pytest.mark.parametrize("settings", [{"steps": 0}, {"weight_lr": -1e-3}, {"weight_lr": float("nan")}])
+def test_blockwise_settings_are_checked(tiny_tokenizer, settings):
     from patchsparse.errors import PatchsparseError
 
     model = build_tiny_llama(len(tiny_tokenizer))
     with pytest.raises(PatchsparseError):
         learn_blockwise(model, tiny_windows(len(tiny_tokenizer)), tiny_config("patch-tile"), tiny_prior(model),
-                        BlockwiseConfig(steps=0))
+                        BlockwiseConfig(**settings))
+
+
+def test_weights_learned_with_the_masks_fit_the_block_better_and_leave_the_dense_model(tiny_tokenizer):
+    vocab = len(tiny_tokenizer)
+    windows = tiny_windows(vocab, n=8, seqlen=16)
+    config = tiny_config("maskllm")
+    frozen_model, joint_model = build_tiny_llama(vocab), build_tiny_llama(vocab)
+    dense = {n: p.detach().clone() for n, p in joint_model.named_parameters()}
+    frozen = learn_blockwise(frozen_model, windows, config, tiny_prior(frozen_model), BlockwiseConfig(steps=40))
+    joint = learn_blockwise(joint_model, windows, config, tiny_prior(joint_model),
+                            BlockwiseConfig(steps=40, weight_lr=1e-3))
+    assert frozen.weights is None
+    assert set(joint.weights) == set(joint.masked.masks)
+    frozen_error = _first_block_error(frozen_model, frozen.masked, windows, HARD)
+    joint_error = _first_block_error(joint_model, joint.masked, windows, HARD, joint.weights)
+    assert joint_error < 0.75 * frozen_error  # weights that compensate for the mask they learn with
+    # the model keeps its dense weights (the targets, and what the caller expects back)
+    remove_masks(joint_model)
+    for name, param in joint_model.named_parameters():
+        assert torch.equal(param, dense[name]), name
+        assert not param.requires_grad
+    for name, weight in joint.weights.items():
+        assert not torch.equal(weight, dense[f"{name}.weight"])  # every masked layer's weights moved

@@ -56,6 +56,16 @@ def positive_float(value: str) -> float:
     return number
 
 
+def non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}") from None
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}")
+    return number
+
+
 def check_seqlen(seqlen: int, max_positions: int | None, option: str = "--seqlen") -> None:
     if seqlen < 2:
         raise PatchsparseError(f"{option} must be at least 2, got {seqlen}")

@@ -20,7 +20,7 @@ import torch
 
 from patchsparse.atomic import set_aside
 from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args, check_writable_dir, check_seqlen,
-                                    positive_int, settings_of)
+                                    non_negative_float, positive_int, settings_of)
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.windows import shuffled_blocks
 from patchsparse.errors import PatchsparseError
@@ -90,6 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "each block's masks reproducing the dense block's output (0: end to end, the default)")
     p.add_argument("--blockwise-windows", type=positive_int, default=2, metavar="N",
                    help="calibration windows per block-wise step (default: 2)")
+    p.add_argument("--blockwise-weight-lr", type=non_negative_float, default=0.0, metavar="LR",
+                   help="block-wise: the block's weights learn with its masks at this peak rate, and block "
+                        "reconstruction starts from them (default: 0, the weights stay frozen)")
     p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="none",
                    help="after extraction, update the kept weights on the calibration windows (saved beside the "
                         "masks): block = each block's kept weights fitted to the dense model's block outputs; "
@@ -203,7 +206,7 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
     windows = shuffled_blocks(train_ids, config.train.seqlen, config.train.seed)
     device = next(model.parameters()).device
 
-    blockwise = BlockwiseConfig(args.blockwise, args.blockwise_windows) if args.blockwise else None
+    blockwise = BlockwiseConfig(args.blockwise, args.blockwise_windows, args.blockwise_weight_lr) if args.blockwise else None
     prior = calib = None
     if not (args.resume and (args.out / PRIOR_FILE).is_file()) or args.reconstruct != "none" or blockwise:
         calib = random_windows(train_ids, args.calib_windows, config.train.seqlen, config.train.seed).to(device)

@@ -171,7 +171,9 @@ class HybridMask(LearnedMask):
         if s.mode == OFF:
             return weight
         wants_norm = bool(s.weight_reg_grad) and torch.is_grad_enabled() and s.mode != HARD
-        if s.mode != HARD and not (s.hard_nm and self.pattern_logits is not None) and fused_available(weight):
+        # the fused kernel gives no gradient for W: weights that learn (block-wise) take the autograd path
+        if (s.mode != HARD and not (s.hard_nm and self.pattern_logits is not None) and fused_available(weight)
+                and not weight.requires_grad):
             noise = None if self.pattern_logits is None else s.pattern_noise(self.index, self.pattern_logits.shape)
             masked, norm = fused_hybrid_weight(weight, self.pattern_logits, noise,
                                                self.sparse_keep if self.pattern_logits is None else None,
