@@ -88,7 +88,8 @@ class Bench:
 
 
 def learn_config(spec: MethodSpec, settings: dict[str, Any], model: nn.Module) -> LearnConfig:
-    config = preset_config(settings["preset"], spec.mode, spec.sparsity)
+    # maskllm learns 2:4 wherever it masks (the row's sparsity is then set by the blocks it masks)
+    config = preset_config(settings["preset"], spec.mode, 0.5 if spec.mode == "maskllm" else spec.sparsity)
     mask = config.mask
     if spec.tile is not None:
         tile = spec.tile
@@ -101,7 +102,12 @@ def learn_config(spec: MethodSpec, settings: dict[str, Any], model: nn.Module) -
     if settings.get("nm_lr_scale") is not None and spec.mode in ("patch-joint", "maskllm"):
         optim = with_overrides(optim, nm_lr_scale=settings["nm_lr_scale"])
     objective = with_overrides(config.objective, distill=spec.distill)
-    mask = with_overrides(mask, init_allocation=spec.allocation)       # learned rows: where the tile prior starts
+    if spec.mode == "maskllm" and spec.allocation is not None:
+        # learned 2:4 on the blocks the allocation makes 2:4 (the others stay dense): a hybrid at spec.sparsity
+        selection = allocate_blocks(model, spec.allocation, spec.sparsity)[0]
+        mask = with_overrides(mask, selection=selection)
+    else:
+        mask = with_overrides(mask, init_allocation=spec.allocation)   # learned rows: where the tile prior starts
     return with_overrides(config, mask=mask, train=train, optim=optim, objective=objective)
 
 
@@ -164,7 +170,7 @@ def run_learned(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
     prior, prior_seconds = None, 0.0
     if spec.blockwise or not can_resume(run_dir):
         tile = config.mask.tile if config.mask.learns_tiles else None
-        prior, prior_seconds = bench.prior(spec.pruner, spec.sparsity, tile, config.mask.selection)
+        prior, prior_seconds = bench.prior(spec.pruner, config.mask.sparsity, tile, config.mask.selection)
     windows = shuffled_blocks(bench.train_ids, config.train.seqlen, spec.seed)
     result = learn_pipeline(bench.model, windows, bench.calibration(), config, spec.pruner, prior=prior,
                             out_dir=None if spec.blockwise else run_dir,

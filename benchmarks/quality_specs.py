@@ -104,6 +104,10 @@ def lever_specs() -> list[MethodSpec]:
     specs.append(MethodSpec("sparsegpt-2:4-block", "oneshot", "levers", "SparseGPT 2:4 + block reconstruction",
                             0.5, reconstruct="block"))
     for s in (0.25, 0.35, 0.45):
+        specs.append(MethodSpec(f"maskllm-middle-{s:.0%}-joint-block", "learned", "levers",
+                                f"MaskLLM 2:4 on middle blocks {s:.0%}, learned block-wise with the weights "
+                                "+ block reconstruction", s, mode="maskllm", allocation="edges",
+                                blockwise=LEVER_BLOCKWISE, blockwise_weight_lr=LEVER_JOINT_LR, reconstruct="block"))
         specs.append(MethodSpec(f"blocks-edges-{s:.0%}-block", "blocks", "levers",
                                 f"SparseGPT 2:4 on middle blocks {s:.0%} + block reconstruction", s,
                                 allocation="edges", reconstruct="block"))

@@ -277,3 +277,19 @@ def test_edge_start_rows_learn_from_the_edge_allocation(quality, runner):
     assert by_name["patch-tile-35%-edges-fixed"].reconstruct == "fixed"
     assert by_name["patch-tile-35%-edges-block"].reconstruct == "block"
     assert by_name["blocks-edges-35%-block"].allocation == "edges"
+
+
+def test_middle_block_maskllm_rows_learn_2_4_on_the_edge_allocation_blocks(quality, runner, tiny_tokenizer):
+    from tests.conftest import build_tiny_llama
+    from patchsparse.models.layers import block_index
+
+    model = build_tiny_llama(len(tiny_tokenizer), layers=4)
+    by_name = {s.name: s for s in quality.default_specs()}
+    settings = {"preset": "cpu", "steps": 5, "train_seqlen": None}
+    row = by_name["maskllm-middle-25%-joint-block"]
+    lever_steps = sys.modules["quality_specs"].LEVER_BLOCKWISE
+    assert (row.blockwise, row.reconstruct) == (lever_steps, "block") and row.blockwise_weight_lr > 0
+    mask = runner.learn_config(row, settings, model).mask
+    assert mask.sparsity == 0.5 and mask.init_allocation is None
+    # 25% of 4 blocks at 50% each: two blocks 2:4, the first and last dense
+    assert {block_index(n) for n in select_linears(model, mask.selection)} == {1, 2}
