@@ -26,7 +26,7 @@ from patchsparse.models.layers import MLP_ONLY, LayerSelection
 from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity
 from patchsparse.prior.allocation import allocate_blocks
 from patchsparse.prior.oneshot import prune_model
-from patchsparse.reconstruct import reconstruct_blocks, updated_weights
+from patchsparse.reconstruct import BlockFit, reconstruct_blocks, updated_weights
 
 from quality_report import settings_key
 from quality_specs import FULL_WIDTH, MethodSpec
@@ -126,7 +126,8 @@ def run_oneshot(bench: Bench, spec: MethodSpec, selection: LayerSelection = Laye
     if spec.reconstruct == "block":  # continue from the pruner's update: the fit needs the dense weights in place
         updated = updated_weights(bench.model, spec_masks)
         bench.restore()
-        reconstruct_blocks(bench.model, spec_masks, bench.calibration(), start=updated)
+        fit = BlockFit(steps=spec.block_steps) if spec.block_steps else BlockFit()
+        reconstruct_blocks(bench.model, spec_masks, bench.calibration(), fit, start=updated)
     elif spec.reconstruct is not None:
         raise PatchsparseError(f"{spec.name}: one-shot rows reconstruct only with 'block'")
     seconds = time.perf_counter() - start

@@ -37,6 +37,7 @@ class MethodSpec:
                                     # one-shot: block, from the pruner's own update)
     blockwise: int = 0             # learned: steps per block of block-wise learning (0: end to end)
     blockwise_weight_lr: float = 0.0  # learned block-wise: the weights learn with the masks at this rate
+    block_steps: int = 0           # one-shot block reconstruction: Adam steps per block (0: BlockFit's default)
 
 
 def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (16, FULL_WIDTH))) -> list[MethodSpec]:
@@ -111,6 +112,10 @@ def lever_specs() -> list[MethodSpec]:
         specs.append(MethodSpec(f"blocks-edges-{s:.0%}-block", "blocks", "levers",
                                 f"SparseGPT 2:4 on middle blocks {s:.0%} + block reconstruction", s,
                                 allocation="edges", reconstruct="block"))
+    # the one-shot row given the learned row's time: twice the fit steps cost about the prior and 40 steps
+    specs.append(MethodSpec("blocks-edges-35%-block128", "blocks", "levers",
+                            "SparseGPT 2:4 on middle blocks 35% + block reconstruction, 128 steps a block", 0.35,
+                            allocation="edges", reconstruct="block", block_steps=128))
     return specs
 
 

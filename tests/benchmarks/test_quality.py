@@ -225,6 +225,20 @@ def test_baseline_runners_on_tiny_model(quality, tiny_model_dir, tiny_tokenizer,
         assert torch.equal(linear.weight, dense[name])
 
 
+def test_one_shot_block_rows_fit_with_their_own_step_count(quality, runner, tiny_model_dir, tiny_tokenizer,
+                                                          tmp_path, monkeypatch):
+    loaded = load_model(str(tiny_model_dir))
+    ids = torch.randint(0, len(tiny_tokenizer), (2000,), generator=torch.Generator().manual_seed(0))
+    bench = quality.Bench(loaded.model, loaded.identity, ids, {"in-domain": ids[:64].view(2, 32)},
+                          {"calib_windows": 2, "seqlen": 32, "seed": 0, "preset": "cpu"}, tmp_path)
+    by_name = {s.name: s for s in quality.default_specs()}
+    fits = []
+    monkeypatch.setattr(runner, "reconstruct_blocks", lambda model, spec, calib, fit, start=None: fits.append(fit))
+    quality.run_spec(bench, by_name["blocks-edges-35%-block128"])
+    quality.run_spec(bench, by_name["blocks-edges-35%-block"])
+    assert [fit.steps for fit in fits] == [128, runner.BlockFit().steps]
+
+
 def test_rows_with_the_same_prior_share_it(quality, runner, tiny_model_dir, monkeypatch, tmp_path):
     loaded = load_model(str(tiny_model_dir))
     ids = torch.arange(2000) % 50
