@@ -229,8 +229,9 @@ def test_one_shot_block_rows_fit_with_their_own_step_count(quality, runner, tiny
                                                           tmp_path, monkeypatch):
     loaded = load_model(str(tiny_model_dir))
     ids = torch.randint(0, len(tiny_tokenizer), (2000,), generator=torch.Generator().manual_seed(0))
+    dense = {n: l.weight.detach().clone() for n, l in select_linears(loaded.model).items()}
     bench = quality.Bench(loaded.model, loaded.identity, ids, {"in-domain": ids[:64].view(2, 32)},
-                          {"calib_windows": 2, "seqlen": 32, "seed": 0, "preset": "cpu"}, tmp_path)
+                          {"calib_windows": 2, "seqlen": 32, "seed": 0, "preset": "cpu"}, tmp_path, dense)
     by_name = {s.name: s for s in quality.default_specs()}
     fits = []
     monkeypatch.setattr(runner, "reconstruct_blocks", lambda model, spec, calib, fit, start=None: fits.append(fit))
