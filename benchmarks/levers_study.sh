@@ -16,6 +16,7 @@ for rows in dense,patch-tile-35%-edges-block,blocks-edges-35%,blocks-edges-35%-b
             patch-tile-45%-edges-block,blocks-edges-45%,blocks-edges-45%-block \
             sparsegpt-2:4,sparsegpt-2:4-block,maskllm-2:4-block \
             patch-tile-25%-edges-block,blocks-edges-25%,blocks-edges-25%-block \
-            maskllm-2:4-joint-block,blocks-edges-35%-block128; do
+            maskllm-2:4-joint-block,blocks-edges-35%-block128,maskllm-middle-35%-joint-block \
+            blocks-edges-45%-block128; do
     "$python" benchmarks/quality.py --out "$out" --results "$out/RESULTS.md" --only "$rows"
 done

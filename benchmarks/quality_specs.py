@@ -38,6 +38,7 @@ class MethodSpec:
     blockwise: int = 0             # learned: steps per block of block-wise learning (0: end to end)
     blockwise_weight_lr: float = 0.0  # learned block-wise: the weights learn with the masks at this rate
     block_steps: int = 0           # one-shot block reconstruction: Adam steps per block (0: BlockFit's default)
+    sparse_weights: str = "dense"  # learned: the sparse tiles' weights while learning (dense | fitted)
 
 
 def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (16, FULL_WIDTH))) -> list[MethodSpec]:
@@ -72,14 +73,16 @@ def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (
 
 
 LEVER_LABELS = {"fixed": "least-squares weights", "repick": "SparseGPT re-pick", "distill": "distillation",
-                "blockwise": "block-wise", "edges": "edge-block start", "block": "block reconstruction"}
+                "blockwise": "block-wise", "edges": "edge-block start", "block": "block reconstruction",
+                "fitted": "learned on fitted 2:4 weights"}
 # Rows that differ only in the reconstruction share one training run.
 LEVERS = {"fixed": {"reconstruct": "fixed"}, "repick": {"reconstruct": "repick"},
           "distill": {"distill": LEVER_DISTILL}, "distill-fixed": {"distill": LEVER_DISTILL, "reconstruct": "fixed"},
           "blockwise": {"blockwise": LEVER_BLOCKWISE},
           "blockwise-fixed": {"blockwise": LEVER_BLOCKWISE, "reconstruct": "fixed"},
           "edges": {"allocation": "edges"}, "edges-fixed": {"allocation": "edges", "reconstruct": "fixed"},
-          "block": {"reconstruct": "block"}, "edges-block": {"allocation": "edges", "reconstruct": "block"}}
+          "block": {"reconstruct": "block"}, "edges-block": {"allocation": "edges", "reconstruct": "block"},
+          "edges-fitted-block": {"allocation": "edges", "sparse_weights": "fitted", "reconstruct": "block"}}
 
 
 def lever_specs() -> list[MethodSpec]:
@@ -112,10 +115,11 @@ def lever_specs() -> list[MethodSpec]:
         specs.append(MethodSpec(f"blocks-edges-{s:.0%}-block", "blocks", "levers",
                                 f"SparseGPT 2:4 on middle blocks {s:.0%} + block reconstruction", s,
                                 allocation="edges", reconstruct="block"))
-    # the one-shot row given the learned row's time: twice the fit steps cost about the prior and 40 steps
-    specs.append(MethodSpec("blocks-edges-35%-block128", "blocks", "levers",
-                            "SparseGPT 2:4 on middle blocks 35% + block reconstruction, 128 steps a block", 0.35,
-                            allocation="edges", reconstruct="block", block_steps=128))
+    # the one-shot rows given the learned rows' time: twice the fit steps cost about the prior and 40 steps
+    for s in (0.35, 0.45):
+        specs.append(MethodSpec(f"blocks-edges-{s:.0%}-block128", "blocks", "levers",
+                                f"SparseGPT 2:4 on middle blocks {s:.0%} + block reconstruction, 128 steps a block",
+                                s, allocation="edges", reconstruct="block", block_steps=128))
     return specs
 
 

@@ -68,6 +68,46 @@ def test_weights_learned_block_wise_are_returned_under_the_masks_and_start_the_b
     assert result.spec.metadata["weights_updated"]
 
 
+def test_learning_on_fitted_2_4_weights_keeps_dense_tiles_dense_and_sparse_tiles_fitted(tiny_tokenizer):
+    from patchsparse.pipeline import fitted_sparse_weights
+    from patchsparse.reconstruct import BlockFit
+
+    vocab = len(tiny_tokenizer)
+    model = build_tiny_llama(vocab)
+    dense = _dense(model)
+    calib = tiny_windows(vocab, n=4, seed=1)
+    fit = BlockFit(steps=4)
+    result = learn_pipeline(model, tiny_windows(vocab), calib, tiny_config("patch-tile", steps=2), "sparsegpt",
+                            fit_sparse=fit)
+    assert "fit 2:4" in result.seconds
+    assert all(torch.equal(l.weight, dense[n]) for n, l in select_linears(model).items())
+    fitted, _ = fitted_sparse_weights(model, result.prior, calib, fit)  # the same fit, done again
+    some_dense = False
+    for name, layer in result.spec.layers.items():
+        in_dense_tiles = layer.grid.expand(layer.dense_tiles)
+        keep = layer.keep_mask()
+        weight = result.weights[name]
+        assert torch.equal(weight[in_dense_tiles], dense[name][in_dense_tiles])
+        sparse_kept = keep & ~in_dense_tiles
+        assert torch.equal(weight[sparse_kept], fitted[name][sparse_kept])
+        assert not torch.equal(weight[sparse_kept], dense[name][sparse_kept])
+        assert not weight[~keep].any()
+        some_dense |= bool(in_dense_tiles.any())
+    assert some_dense
+
+
+def test_fitted_2_4_weights_are_refused_with_block_wise_learning(tiny_tokenizer):
+    from patchsparse.errors import PatchsparseError
+    from patchsparse.learn.blockwise import BlockwiseConfig
+    from patchsparse.reconstruct import BlockFit
+
+    vocab = len(tiny_tokenizer)
+    with pytest.raises(PatchsparseError, match="block-wise"):
+        learn_pipeline(build_tiny_llama(vocab), tiny_windows(vocab), tiny_windows(vocab, n=4, seed=1),
+                       tiny_config("patch-tile", steps=2), "magnitude", fit_sparse=BlockFit(steps=2),
+                       blockwise=BlockwiseConfig(steps=2))
+
+
 def test_a_finished_run_resumes_to_the_same_masks_without_a_prior(tiny_tokenizer, tmp_path):
     vocab = len(tiny_tokenizer)
     config = tiny_config("patch-tile", steps=2, checkpoint_every=1)

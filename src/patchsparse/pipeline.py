@@ -24,9 +24,10 @@ from patchsparse.learn.masked import remove_masks
 from patchsparse.learn.priors import build_prior
 from patchsparse.learn.trainer import (CHECKPOINT_FILE, METRICS_FILE, PRIOR_FILE, RUN_FILE, LearnResult, learn_masks,
                                        load_prior, save_prior, started_with)
-from patchsparse.masks.spec import HybridMaskSpec
+from patchsparse.masks.spec import HybridMaskSpec, LayerMask
 from patchsparse.models.layers import block_index
 from patchsparse.prior.types import PriorMasks
+from patchsparse.reconstruct import BlockFit, reconstruct_model, updated_weights
 from patchsparse.utils import log
 
 
@@ -90,7 +91,7 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
                    out_dir: Path | None = None, resume: bool | None = None,
                    policy: str = "exact", reconstruct: str | None = None, metadata: dict[str, Any] | None = None,
                    parallel: DataParallel = SINGLE, shard_optimizer: bool = False,
-                   blockwise: BlockwiseConfig | None = None) -> PipelineResult:
+                   blockwise: BlockwiseConfig | None = None, fit_sparse: BlockFit | None = None) -> PipelineResult:
     """Learn masks on `model` and return them extracted, with the model's dense weights back.
 
     prior: a prior already computed with `prior_method` (e.g. shared by several runs); else it is
@@ -101,6 +102,11 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
     end to end on `train_windows`; such a run keeps no checkpoint (it takes minutes): resuming it
     reuses only the saved prior. Under data parallelism every process calls this; only process 0's
     result is meaningful after extraction (the others return it too, for symmetry).
+    fit_sparse: learn on fitted 2:4 weights: the prior's all-2:4 masks get their weights fitted by
+    block reconstruction first (`fitted_sparse_weights`), and learning weighs every tile's dense
+    weights against those fitted ones rather than the dense weights under the 2:4 mask; the result's
+    weights (and the start of `reconstruct="block"`) are the dense tiles' dense weights and the
+    sparse tiles' fitted ones.
     """
     if resume is None:
         resume = can_resume(out_dir)
@@ -112,6 +118,11 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
         prior = learn_prior(model, calib_windows, prior_method, config)
         seconds["prior"] = time.perf_counter() - start
         log(f"{prior_method} prior computed in {seconds['prior']:.1f} s")
+    sparse_weights = None
+    if fit_sparse is not None:
+        if blockwise is not None:
+            raise PatchsparseError("learning on fitted 2:4 weights is an end-to-end option; not with block-wise learning")
+        sparse_weights, seconds["fit 2:4"] = fitted_sparse_weights(model, prior, calib_windows, fit_sparse)
     if blockwise is not None:
         if parallel.active:
             raise PatchsparseError("block-wise learning runs in one process; launch it without torchrun")
@@ -127,13 +138,15 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
     else:
         learned_weights = None
         result = learn_masks(model, train_windows, config, prior, out_dir, resume=resume, parallel=parallel,
-                             shard_optimizer=shard_optimizer)
+                             shard_optimizer=shard_optimizer, sparse_weights=sparse_weights)
     seconds["learn"] = result.seconds
     target = None if config.mask.mode == "maskllm" else config.mask.sparsity
     spec = extract_masks(model, policy, target, config.mask.mode, metadata=metadata)
     remove_masks(model)
+    if sparse_weights is not None:
+        learned_weights = dense_tiles_over(spec, model, sparse_weights)
     weights = None
-    if learned_weights is not None:  # the weights learned with the masks: the block fit starts from them
+    if learned_weights is not None:  # weights learned with, or fitted for, the masks: the block fit starts from them
         weights = {name: learned_weights[name] * layer.keep_mask().to(learned_weights[name].dtype)
                    for name, layer in spec.layers.items()}
         spec.metadata["weights_updated"] = True
@@ -143,12 +156,35 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
     return PipelineResult(spec, result, prior, weights, seconds)
 
 
+def fitted_sparse_weights(model: nn.Module, prior: PriorMasks, calib_windows: torch.Tensor | None,
+                          fit: BlockFit) -> tuple[dict[str, torch.Tensor], float]:
+    """(the prior's all-2:4 masks' weights after block reconstruction, seconds); the model keeps its
+    dense weights."""
+    if calib_windows is None:
+        raise PatchsparseError("fitting the 2:4 weights needs calibration windows")
+    all_2_4 = HybridMaskSpec({name: LayerMask(layer.nm_keep.cpu(), "2:4") for name, layer in prior.items()})
+    _, weights, seconds = reconstructed(model, all_2_4, calib_windows, "block", block_fit=fit)
+    log(f"2:4 prior's weights fitted in {seconds:.1f} s")
+    return weights, seconds
+
+
+def dense_tiles_over(spec: HybridMaskSpec, model: nn.Module, sparse: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per layer of `spec`: the model's weights inside the dense tiles, `sparse`'s elsewhere (CPU).
+    (Where a learned 2:4 choice keeps a weight that `sparse` had pruned, that weight is zero.)"""
+    weights = {}
+    for name, linear in spec.check_matches(model).items():
+        layer, fitted = spec.layers[name], sparse[name].cpu()
+        if layer.dense_tiles is None:
+            weights[name] = fitted.clone()
+        else:
+            weights[name] = torch.where(layer.grid.expand(layer.dense_tiles), linear.weight.detach().cpu(), fitted)
+    return weights
+
+
 def reconstructed(model: nn.Module, spec: HybridMaskSpec, calib_windows: torch.Tensor | None,
                   mode: str, **options: Any) -> tuple[HybridMaskSpec, dict[str, torch.Tensor], float]:
     """(new spec, reconstructed weights on CPU, seconds); the model keeps its dense weights.
     `options` go to `reconstruct_model` (e.g. block_fit, start)."""
-    from patchsparse.reconstruct import reconstruct_model, updated_weights
-
     start = time.perf_counter()
     linears = spec.check_matches(model)
     dense = {name: module.weight.detach().clone() for name, module in linears.items()}

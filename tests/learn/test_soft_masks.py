@@ -173,3 +173,18 @@ def test_flush_subnormal_zeroes_only_subnormals():
     x = torch.tensor([tiny, tiny / 4, -tiny / 2, 0.0, 1e-30, -1.0])
     flushed = flush_subnormal(x)
     assert flushed.tolist() == [tiny, 0.0, 0.0, 0.0, pytest.approx(1e-30), -1.0]
+
+
+def test_fitted_sparse_weights_fill_the_2_4_part_only():
+    """lerp(W_s ⊙ M, W, t) per tile: a dense tile keeps W, a sparse one W_s under the 2:4 mask."""
+    grid = TileGrid(2, 8, 2, 4)                       # two tiles side by side
+    weight = torch.arange(1.0, 17.0).view(2, 8)
+    fitted = -weight                                 # easy to tell apart
+    mask = torch.tensor([[1.0, 1, 0, 0] * 2] * 2)
+    tiles = torch.tensor([[1.0, 0.0]])
+    out = hybrid_soft_weight(weight, mask, tiles, grid, fitted)
+    assert torch.equal(out[:, :4], weight[:, :4])
+    assert torch.equal(out[:, 4:], (fitted * mask)[:, 4:])
+    half = hybrid_soft_weight(weight, mask, torch.tensor([[0.5, 0.5]]), grid, fitted)
+    assert torch.equal(half, 0.5 * weight + 0.5 * fitted * mask)
+    assert torch.equal(hybrid_soft_weight(weight, mask, tiles, grid), hybrid_soft_weight(weight, mask, tiles, grid, None))

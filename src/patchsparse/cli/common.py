@@ -56,6 +56,13 @@ def positive_float(value: str) -> float:
     return number
 
 
+SPARSE_WEIGHTS = ("dense", "fitted")
+SPARSE_WEIGHTS_HELP = ("what the sparse tiles' weights are while the masks learn: dense = the dense weights under "
+                       "the 2:4 mask (the published method, default); fitted = the prior's 2:4 masks' weights after "
+                       "block reconstruction, so that each tile's dense weights are weighed against 2:4 weights "
+                       "that compensate (the result, and its block reconstruction, then start from them)")
+
+
 def non_negative_float(value: str) -> float:
     try:
         number = float(value)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from patchsparse.atomic import set_aside
-from patchsparse.cli.common import (add_data_args, add_json_arg, add_model_args, check_writable_dir, check_seqlen,
-                                    non_negative_float, positive_int, settings_of)
+from patchsparse.cli.common import (SPARSE_WEIGHTS, SPARSE_WEIGHTS_HELP, add_data_args, add_json_arg, add_model_args,
+                                    check_seqlen, check_writable_dir, non_negative_float, positive_int, settings_of)
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.windows import shuffled_blocks
 from patchsparse.errors import PatchsparseError
@@ -38,6 +38,7 @@ from patchsparse.pipeline import learn_pipeline, learn_prior, masked_perplexity
 from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.types import PriorMasks
 from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
+from patchsparse.reconstruct import BlockFit
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log
 
@@ -93,6 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--blockwise-weight-lr", type=non_negative_float, default=0.0, metavar="LR",
                    help="block-wise: the block's weights learn with its masks at this peak rate, and block "
                         "reconstruction starts from them (default: 0, the weights stay frozen)")
+    p.add_argument("--sparse-weights", choices=SPARSE_WEIGHTS, default="dense", help=SPARSE_WEIGHTS_HELP)
     p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="none",
                    help="after extraction, update the kept weights on the calibration windows (saved beside the "
                         "masks): block = each block's kept weights fitted to the dense model's block outputs; "
@@ -208,7 +210,9 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
 
     blockwise = BlockwiseConfig(args.blockwise, args.blockwise_windows, args.blockwise_weight_lr) if args.blockwise else None
     prior = calib = None
-    if not (args.resume and (args.out / PRIOR_FILE).is_file()) or args.reconstruct != "none" or blockwise:
+    fit_sparse = BlockFit() if args.sparse_weights == "fitted" else None
+    if (not (args.resume and (args.out / PRIOR_FILE).is_file()) or args.reconstruct != "none" or blockwise
+            or fit_sparse is not None):
         calib = random_windows(train_ids, args.calib_windows, config.train.seqlen, config.train.seed).to(device)
     if not (args.resume and (args.out / PRIOR_FILE).is_file()):
         start = time.perf_counter()
@@ -235,7 +239,7 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
     pipeline = learn_pipeline(model, windows, calib, config, args.prior, prior=prior, out_dir=args.out,
                               resume=args.resume, policy=args.policy, reconstruct=reconstruct,
                               metadata={"prior": args.prior, "preset": args.preset},
-                              parallel=parallel, shard_optimizer=shard, blockwise=blockwise)
+                              parallel=parallel, shard_optimizer=shard, blockwise=blockwise, fit_sparse=fit_sparse)
     result, spec = pipeline.learn, pipeline.spec
     if not main:
         parallel.barrier()  # wait until process 0 has written the masks

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from patchsparse.cli.common import add_json_arg, check_seqlen, check_writable_dir, positive_int
+from patchsparse.cli.common import (SPARSE_WEIGHTS, SPARSE_WEIGHTS_HELP, add_json_arg, check_seqlen, check_writable_dir,
+                                    positive_int)
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.corpus import DEFAULT_CORPUS
 from patchsparse.data.windows import shuffled_blocks
@@ -37,6 +38,7 @@ from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.oneshot import prune_model
 from patchsparse.masks.tiles import check_hybrid_sparsity
 from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
+from patchsparse.reconstruct import BlockFit
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log
 
@@ -60,6 +62,7 @@ class RunSettings:
     reconstruct: str | None = None  # weight reconstruction after extraction (None: none)
     blockwise: int = 0  # steps per block of block-wise learning (0: end to end)
     init_allocation: str | None = "edges"  # where the tile prior starts the dense share (None: uniform)
+    sparse_weights: str = "dense"  # what the sparse tiles' weights are while learning: dense | fitted
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -90,6 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init-allocation", choices=("uniform", "edges"), default="edges",
                    help="where the tile prior starts the dense share: edges = the first and last blocks dense, "
                         "the others 2:4 (default), uniform = every layer at the target (the published prior)")
+    p.add_argument("--sparse-weights", choices=SPARSE_WEIGHTS, default="dense",
+                   help=SPARSE_WEIGHTS_HELP)
     p.add_argument("--fresh", action="store_true", help="recompute every step instead of reusing finished ones")
     add_json_arg(p)
     p.set_defaults(handler=run_main)
@@ -102,7 +107,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
                            prior=args.prior, preset=args.preset, calib_windows=args.calib_windows,
                            eval_windows=args.eval_windows, seqlen=args.seqlen, seed=args.seed, steps=args.steps,
                            distill=args.distill, reconstruct=None if args.reconstruct == "none" else args.reconstruct,
-                           blockwise=args.blockwise,
+                           blockwise=args.blockwise, sparse_weights=args.sparse_weights,
                            init_allocation=None if args.init_allocation == "uniform" else args.init_allocation)
     if settings.blockwise < 0:
         raise PatchsparseError(f"--blockwise must be >= 0 steps per block, got {settings.blockwise}")
@@ -216,10 +221,12 @@ def _run_main(args: argparse.Namespace, settings: RunSettings) -> int:
             log(f"the learning run saved in {out} had other settings; learning from the start")
         windows = shuffled_blocks(train_ids, config.train.seqlen, settings.seed)
         blockwise = BlockwiseConfig(settings.blockwise) if settings.blockwise else None
-        needs_calibration = blockwise is not None or settings.reconstruct is not None or not can_resume(out)
+        fit_sparse = BlockFit() if settings.sparse_weights == "fitted" else None
+        needs_calibration = (blockwise is not None or fit_sparse is not None or settings.reconstruct is not None
+                             or not can_resume(out))
         result = learn_pipeline(model, windows, calibration() if needs_calibration else None, config,
                                 settings.prior, out_dir=out, reconstruct=settings.reconstruct, blockwise=blockwise,
-                                metadata={"prior": settings.prior, "preset": settings.preset})
+                                fit_sparse=fit_sparse, metadata={"prior": settings.prior, "preset": settings.preset})
         spec = result.spec
         save_mask_spec(spec, out / "masks", identity=loaded.identity, base_model=model, overwrite=True,
                        updated_weights=result.weights,

@@ -114,7 +114,8 @@ class HybridMask(LearnedMask):
 
     def __init__(self, index: int, shape: tuple[int, int], sampler: MaskSampler,
                  pattern_logits: torch.Tensor | None, tile_logits: torch.Tensor | None,
-                 sparse_keep: torch.Tensor | None, grid: TileGrid | None) -> None:
+                 sparse_keep: torch.Tensor | None, grid: TileGrid | None,
+                 sparse_weight: torch.Tensor | None = None) -> None:
         super().__init__()
         self.index = index
         self.shape = shape
@@ -123,6 +124,8 @@ class HybridMask(LearnedMask):
         self.pattern_logits = None if pattern_logits is None else nn.Parameter(pattern_logits.float())
         self.tile_logits = None if tile_logits is None else nn.Parameter(tile_logits.float())
         self.register_buffer("sparse_keep", sparse_keep)
+        # the weights the 2:4 part uses, when they are not the layer's own (fitted to the 2:4 mask)
+        self.register_buffer("sparse_weight", sparse_weight, persistent=False)
         if grid is not None:
             numel = grid.tile_numel().to(torch.float32)
             if sparse_keep is None:
@@ -173,13 +176,13 @@ class HybridMask(LearnedMask):
         wants_norm = bool(s.weight_reg_grad) and torch.is_grad_enabled() and s.mode != HARD
         # the fused kernel gives no gradient for W: weights that learn (block-wise) take the autograd path
         if (s.mode != HARD and not (s.hard_nm and self.pattern_logits is not None) and fused_available(weight)
-                and not weight.requires_grad):
+                and not weight.requires_grad and self.sparse_weight is None):
             noise = None if self.pattern_logits is None else s.pattern_noise(self.index, self.pattern_logits.shape)
             masked, norm = fused_hybrid_weight(weight, self.pattern_logits, noise,
                                                self.sparse_keep if self.pattern_logits is None else None,
                                                self.tile_values(), s.kappa_nm, s.tau_nm, self.grid)
         else:
-            masked = hybrid_soft_weight(weight, self.sparse_mask(), self.tile_values(), self.grid)
+            masked = hybrid_soft_weight(weight, self.sparse_mask(), self.tile_values(), self.grid, self.sparse_weight)
             if masked.device.type == "cpu":  # GPUs run subnormals at full speed
                 masked = flush_subnormal(masked)
             norm = masked.float().norm() if wants_norm else None
@@ -246,8 +249,13 @@ def initial_layer_sparsity(names: list[str], config: MaskConfig) -> dict[str, fl
     return {name: 0.5 if block_index(name) in sparse else 0.0 for name in names}
 
 
-def attach_masks(model: nn.Module, config: LearnConfig, prior: PriorMasks | None) -> MaskedModel:
-    """Attach a learnable mask to every selected decoder linear (checks first, then changes)."""
+def attach_masks(model: nn.Module, config: LearnConfig, prior: PriorMasks | None,
+                 sparse_weights: dict[str, torch.Tensor] | None = None) -> MaskedModel:
+    """Attach a learnable mask to every selected decoder linear (checks first, then changes).
+
+    sparse_weights: per layer, the weights the 2:4 part of the mask keeps (e.g. fitted to the prior's
+    2:4 masks by block reconstruction); the dense tiles keep the layer's own. Default: its own.
+    """
     mc = config.mask
     mc.check()
     linears = select_linears(model, mc.selection)
@@ -257,6 +265,9 @@ def attach_masks(model: nn.Module, config: LearnConfig, prior: PriorMasks | None
         out_f, in_f = linear.weight.shape
         if in_f % 4:
             raise PatchsparseError(f"layer '{name}' has {in_f} inputs, not a multiple of 4: no 2:4 mask fits")
+        if sparse_weights is not None and (name not in sparse_weights
+                                           or tuple(sparse_weights[name].shape) != (out_f, in_f)):
+            raise PatchsparseError(f"no sparse-part weights of shape {(out_f, in_f)} for layer '{name}'")
     check_prior(linears, mc, prior)
 
     max_window = 0
@@ -285,7 +296,8 @@ def attach_masks(model: nn.Module, config: LearnConfig, prior: PriorMasks | None
             scores = layer_prior.tile_scores if layer_prior is not None else None
             tile_logits = init_tile_logits(grid, None if scores is None else scores.cpu(), layer_sparsity[name],
                                            mc.init_std, mc.prior_strength_tile, generator).to(device)
-        masks[name] = HybridMask(index, shape, sampler, pattern_logits, tile_logits, sparse_keep, grid)
+        sparse_weight = None if sparse_weights is None else sparse_weights[name].to(device, weight.dtype)
+        masks[name] = HybridMask(index, shape, sampler, pattern_logits, tile_logits, sparse_keep, grid, sparse_weight)
         norm_total += float(weight.detach().float().norm())
 
     for name, linear in linears.items():

@@ -89,12 +89,14 @@ def tile_lerp(start: torch.Tensor, end: torch.Tensor, tile_values: torch.Tensor,
 
 
 def hybrid_soft_weight(weight: torch.Tensor, sparse_mask: torch.Tensor, tile_values: torch.Tensor | None,
-                       grid: TileGrid | None) -> torch.Tensor:
+                       grid: TileGrid | None, sparse_weight: torch.Tensor | None = None) -> torch.Tensor:
     """W ⊙ M̃ with M̃ = T̃ + (1 − T̃)·M̃₂:₄, i.e. lerp(W ⊙ M̃₂:₄, W, T̃) per tile. -> (out, in)
 
-    A dense tile (T̃ = 1) keeps every weight; a sparse tile (T̃ = 0) keeps the 2:4 choice.
+    A dense tile (T̃ = 1) keeps every weight; a sparse tile (T̃ = 0) keeps the 2:4 choice, of
+    `sparse_weight` where given (weights fitted for the 2:4 mask) instead of W:
+    lerp(W_s ⊙ M̃₂:₄, W, T̃).
     """
-    sparse_part = weight * sparse_mask
+    sparse_part = (weight if sparse_weight is None else sparse_weight.to(weight.dtype)) * sparse_mask
     if tile_values is None:
         return sparse_part
     return tile_lerp(sparse_part, weight.to(sparse_part.dtype), tile_values, grid)

@@ -330,7 +330,8 @@ def train_step(model: nn.Module, masked: MaskedModel, optimizer: torch.optim.Opt
 def learn_masks(model: nn.Module, train_windows: torch.Tensor, config: LearnConfig, prior: PriorMasks | None,
                 out_dir: str | Path | None = None, resume: bool = False,
                 on_step_end: Callable[[int, dict[str, Any]], None] | None = None,
-                parallel: DataParallel = SINGLE, shard_optimizer: bool = False) -> LearnResult:
+                parallel: DataParallel = SINGLE, shard_optimizer: bool = False,
+                sparse_weights: dict[str, torch.Tensor] | None = None) -> LearnResult:
     """Attach learnable masks to `model` and train them on `train_windows` (n, seqlen).
 
     Returns with the masks still attached (use `extract_masks`, then `remove_masks`). With
@@ -341,6 +342,8 @@ def learn_masks(model: nn.Module, train_windows: torch.Tensor, config: LearnConf
     the same windows and takes its slice of each micro-batch; rank 0 alone writes files.
     `shard_optimizer`: each rank keeps only its share of AdamW's state (ZeRO-1); checkpoints hold
     the whole state, gathered on rank 0, so a run resumes with any number of processes.
+    `sparse_weights`: the weights the 2:4 part of every mask keeps (`attach_masks`); not saved in
+    checkpoints, so a resumed run must be given the same ones.
     """
     config.check()
     tc = config.train
@@ -363,7 +366,7 @@ def learn_masks(model: nn.Module, train_windows: torch.Tensor, config: LearnConf
             raise _bad_run_file(out / CHECKPOINT_FILE, "checkpoint")
         _check_same_run(checkpoint, config, checkpoint["layers"])  # settings first: nothing touched yet
 
-    masked = attach_masks(model, config, prior)
+    masked = attach_masks(model, config, prior, sparse_weights)
     layers = {name: list(m.shape) for name, m in masked.masks.items()}
     device = masked.parameters()[0].device
     optimizer = make_optimizer(masked, config, parallel, shard_optimizer)
