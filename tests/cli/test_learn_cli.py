@@ -104,3 +104,22 @@ def test_blockwise_weight_lr_must_be_a_number_at_least_zero(tiny_model_dir, text
         main(_args(tiny_model_dir, text_file, tmp_path / "run", "--blockwise", "2", f"--blockwise-weight-lr={value}"))
     assert exit_.value.code == 2 and ">= 0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_learning_on_fitted_2_4_weights_saves_dense_tiles_and_fitted_ones(tiny_model_dir, text_file, tmp_path):
+    from patchsparse.io.maskfile import load_updated_weights
+    from patchsparse.models import load_model
+
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, text_file, out, "--mode", "patch-tile", "--sparse-weights", "fitted",
+                      "--no-eval")) == 0
+    spec = load_mask_spec(out / "masks")
+    weights = load_updated_weights(out / "masks", spec)
+    dense = load_model(str(tiny_model_dir), device="cpu").model
+    assert set(weights) == set(spec.layers)
+    for name, layer in spec.layers.items():
+        in_dense_tiles = layer.grid.expand(layer.dense_tiles)
+        original = dense.get_submodule(name).weight.detach()
+        assert torch.equal(weights[name][in_dense_tiles], original[in_dense_tiles])
+        sparse_kept = layer.keep_mask() & ~in_dense_tiles
+        assert not torch.equal(weights[name][sparse_kept], original[sparse_kept])  # fitted, not dense

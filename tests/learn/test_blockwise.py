@@ -100,3 +100,19 @@ def test_weights_learned_with_the_masks_fit_the_block_better_and_leave_the_dense
         assert not param.requires_grad
     for name, weight in joint.weights.items():
         assert not torch.equal(weight, dense[f"{name}.weight"])  # every masked layer's weights moved
+
+
+def test_a_failure_while_weights_learn_leaves_the_dense_weights(tiny_tokenizer):
+    vocab = len(tiny_tokenizer)
+    model = build_tiny_llama(vocab)
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def stop(block, metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        learn_blockwise(model, tiny_windows(vocab, n=4), tiny_config("maskllm"), tiny_prior(model),
+                        BlockwiseConfig(steps=3, weight_lr=1e-3), on_block_end=stop)
+    remove_masks(model)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, dense[name]), name

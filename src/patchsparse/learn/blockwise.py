@@ -95,28 +95,30 @@ def learn_blockwise(model: nn.Module, calib_windows: torch.Tensor, config: Learn
     batches = list(inputs.batches())
     generator = torch.Generator().manual_seed(config.train.seed)
     learned: dict[str, torch.Tensor] | None = {} if blockwise.weight_lr > 0 else None
+    training: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}  # the current block's weights and dense copies
     try:
         for index in progress(range(max(blocks) + 1), desc=f"learn {mc.mode} block-wise", unit="block"):
             layer = layers[index]
             sampler.mode = OFF
             target = inputs.outputs(layer, index, dense_x)  # the dense block on the dense model's activations
             if index in blocks:
-                originals = {name: _original_weight(model, name) for name in blocks[index]}
-                dense = {name: weight.detach().clone() for name, weight in originals.items()}
-                trained = originals if learned is not None else {}
+                if learned is not None:
+                    training = {name: (weight, weight.detach().clone())
+                                for name, weight in ((n, _original_weight(model, n)) for n in blocks[index])}
                 metrics = _learn_block(layer, index, inputs, sparse_x, target, dense_x, masked, blocks[index], local,
-                                       batches, generator, trained, blockwise.weight_lr)
+                                       batches, generator, {name: w for name, (w, _) in training.items()},
+                                       blockwise.weight_lr)
                 if on_block_end is not None:
                     on_block_end(index, metrics)
             sampler.mode = HARD  # the next block learns on what this one will really give it
             sparse_x = inputs.outputs(layer, index, sparse_x)
-            if index in blocks and learned is not None:
-                with torch.no_grad():
-                    for name, weight in originals.items():
-                        learned[name] = weight.detach().cpu().clone()
-                        weight.copy_(dense[name])  # later targets and the caller need the dense model
+            for name, (weight, _) in training.items():
+                learned[name] = weight.detach().cpu().clone()
+            _restore(training)
+            training = {}
             dense_x = target
     finally:
+        _restore(training)  # later targets and the caller need the dense model, even after a failure
         sampler.mode = HARD
     return BlockwiseResult(masked, learned)
 
@@ -124,6 +126,12 @@ def learn_blockwise(model: nn.Module, calib_windows: torch.Tensor, config: Learn
 def _original_weight(model: nn.Module, name: str) -> nn.Parameter:
     """The weight under a layer's mask parametrization (what W ⊙ M̃ is built from)."""
     return model.get_submodule(name).parametrizations.weight.original
+
+
+@torch.no_grad()
+def _restore(training: dict[str, tuple[nn.Parameter, torch.Tensor]]) -> None:
+    for weight, dense in training.values():
+        weight.copy_(dense)
 
 
 def _learn_block(layer: nn.Module, index: int, inputs: LayerInputs, x: torch.Tensor, target: torch.Tensor,
