@@ -121,7 +121,8 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
     sparse_weights = None
     if fit_sparse is not None:
         if blockwise is not None:
-            raise PatchsparseError("learning on fitted 2:4 weights is an end-to-end option; not with block-wise learning")
+            raise PatchsparseError("learning on fitted 2:4 weights is an end-to-end option, not one of block-wise "
+                                   "learning")
         sparse_weights, seconds["fit 2:4"] = fitted_sparse_weights(model, prior, calib_windows, fit_sparse)
     if blockwise is not None:
         if parallel.active:
@@ -168,7 +169,8 @@ def fitted_sparse_weights(model: nn.Module, prior: PriorMasks, calib_windows: to
     return weights, seconds
 
 
-def dense_tiles_over(spec: HybridMaskSpec, model: nn.Module, sparse: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dense_tiles_over(spec: HybridMaskSpec, model: nn.Module,
+                     sparse: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per layer of `spec`: the model's weights inside the dense tiles, `sparse`'s elsewhere (CPU).
     (Where a learned 2:4 choice keeps a weight that `sparse` had pruned, that weight is zero.)"""
     weights = {}

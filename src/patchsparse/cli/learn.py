@@ -208,7 +208,8 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
     windows = shuffled_blocks(train_ids, config.train.seqlen, config.train.seed)
     device = next(model.parameters()).device
 
-    blockwise = BlockwiseConfig(args.blockwise, args.blockwise_windows, args.blockwise_weight_lr) if args.blockwise else None
+    blockwise = (BlockwiseConfig(args.blockwise, args.blockwise_windows, args.blockwise_weight_lr) if args.blockwise
+                 else None)
     prior = calib = None
     fit_sparse = BlockFit() if args.sparse_weights == "fitted" else None
     if (not (args.resume and (args.out / PRIOR_FILE).is_file()) or args.reconstruct != "none" or blockwise

@@ -93,8 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init-allocation", choices=("uniform", "edges"), default="edges",
                    help="where the tile prior starts the dense share: edges = the first and last blocks dense, "
                         "the others 2:4 (default), uniform = every layer at the target (the published prior)")
-    p.add_argument("--sparse-weights", choices=SPARSE_WEIGHTS, default="dense",
-                   help=SPARSE_WEIGHTS_HELP)
+    p.add_argument("--sparse-weights", choices=SPARSE_WEIGHTS, default="dense", help=SPARSE_WEIGHTS_HELP)
     p.add_argument("--fresh", action="store_true", help="recompute every step instead of reusing finished ones")
     add_json_arg(p)
     p.set_defaults(handler=run_main)
