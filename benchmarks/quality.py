@@ -43,8 +43,8 @@ from patchsparse.models.builtin import DEFAULT_MODEL
 from patchsparse.records import machine_summary
 from patchsparse.utils import log
 
-from quality_report import (RESULTS_FILE, append_result, finished, read_results, reproduce_command, running_commit,
-                            settings_key, write_outputs)
+from quality_report import (RESULTS_FILE, append_result, finished, read_results, reproduce_command, row_key,
+                            running_commit, write_outputs)
 from quality_runner import Bench, run_spec
 from quality_specs import default_specs, select_specs, tiny_specs
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.restore()
             figures = run_spec(bench, spec)
             bench.restore()
-            record = {"name": spec.name, "key": settings_key({"spec": asdict(spec), "settings": settings}),
+            record = {"name": spec.name, "key": row_key(spec, settings),
                       "spec": asdict(spec), "settings": settings, "figures": figures, "commit": commit,
                       "machine": machine_summary(), "command": command,
                       "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -8,7 +8,6 @@ import json
 import math
 import shlex
 import subprocess
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from patchsparse.atomic import atomic_write_bytes, atomic_write_text
 from patchsparse.prior.allocation import OWL_LAMBDA, OWL_M
 from patchsparse.records import git_commit
 
-from quality_specs import MethodSpec
+from quality_specs import MethodSpec, key_fields
 
 RESULTS_FILE = "results.jsonl"
 GAP_GOALS = {0.45: 0.30, 0.35: 0.55, 0.25: 0.70}   # fraction of the MaskLLM-to-dense gap to close
@@ -92,9 +91,14 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def row_key(spec: MethodSpec | dict, settings: dict[str, Any]) -> str:
+    """The identity of a row's result: its spec's identifying fields and the run's settings."""
+    return settings_key({"spec": key_fields(spec), "settings": settings})
+
+
 def finished(records: list[dict[str, Any]], spec: MethodSpec, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The latest record of `spec` run with these settings, else None."""
-    key = settings_key({"spec": asdict(spec), "settings": settings})
+    key = row_key(spec, settings)
     matches = [r for r in records if r.get("key") == key]
     return matches[-1] if matches else None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +29,7 @@ from patchsparse.prior.oneshot import prune_model
 from patchsparse.reconstruct import BlockFit, reconstruct_blocks, updated_weights
 
 from quality_report import settings_key
-from quality_specs import FULL_WIDTH, MethodSpec
+from quality_specs import FULL_WIDTH, MethodSpec, key_fields
 
 
 def global_sparsity(spec: HybridMaskSpec, total_weights: int) -> float:
@@ -165,7 +165,7 @@ def run_learned(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
     # only there share one training run (and its checkpoint)
     training_settings = {k: v for k, v in bench.settings.items() if k != "extraction"}
     untrained = dataclasses.replace(spec, reconstruct=None, name="", label="", group="")  # (a None is a value here)
-    key = settings_key({"spec": asdict(untrained),
+    key = settings_key({"spec": key_fields(untrained),
                         "settings": training_settings})[:10]
     run_dir = bench.out / "learn" / f"{spec.mode}-{spec.sparsity:.0%}-{key}"
     prior, prior_seconds = None, 0.0

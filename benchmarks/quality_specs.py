@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 from patchsparse.errors import PatchsparseError
@@ -39,6 +39,17 @@ class MethodSpec:
     blockwise_weight_lr: float = 0.0  # learned block-wise: the weights learn with the masks at this rate
     block_steps: int = 0           # one-shot block reconstruction: Adam steps per block (0: BlockFit's default)
     sparse_weights: str = "dense"  # learned: the sparse tiles' weights while learning (dense | fitted)
+
+
+# Fields added after rows were first recorded, with their defaults: they enter a row's key only when
+# set, so the rows recorded before them keep their keys (and their results).
+LATER_FIELDS = {"blockwise_weight_lr": 0.0, "block_steps": 0, "sparse_weights": "dense"}
+
+
+def key_fields(spec: MethodSpec | dict) -> dict:
+    """The spec's fields that identify its results (a spec, or one as recorded)."""
+    fields = asdict(spec) if isinstance(spec, MethodSpec) else dict(spec)
+    return {k: v for k, v in fields.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
 def default_specs(tile_sizes: Iterable[tuple[int, int]] = ((32, 32), (64, 64), (16, FULL_WIDTH))) -> list[MethodSpec]:

@@ -308,3 +308,17 @@ def test_middle_block_maskllm_rows_learn_2_4_on_the_edge_allocation_blocks(quali
     assert mask.sparsity == 0.5 and mask.init_allocation is None
     # 25% of 4 blocks at 50% each: two blocks 2:4, the first and last dense
     assert {block_index(n) for n in select_linears(model, mask.selection)} == {1, 2}
+
+
+def test_fields_added_later_keep_the_keys_of_rows_recorded_before_them(quality, report):
+    specs = sys.modules["quality_specs"]
+    by_name = {s.name: s for s in quality.default_specs()}
+    settings = {"preset": "cpu", "seed": 0}
+    plain = by_name["blocks-edges-35%-block"]
+    recorded = {k: v for k, v in asdict(plain).items() if k not in specs.LATER_FIELDS}  # as written before them
+    assert report.row_key(plain, settings) == report.row_key(recorded, settings)
+    import dataclasses
+
+    longer = dataclasses.replace(plain, block_steps=128)
+    assert report.row_key(longer, settings) != report.row_key(plain, settings)  # a set field still counts
+    assert specs.key_fields(longer)["block_steps"] == 128
