@@ -108,6 +108,7 @@ def learn_config(spec: MethodSpec, settings: dict[str, Any], model: nn.Module) -
         mask = with_overrides(mask, selection=selection)
     else:
         mask = with_overrides(mask, init_allocation=spec.allocation)   # learned rows: where the tile prior starts
+    mask = with_overrides(mask, sparse_weights=spec.sparse_weights)
     return with_overrides(config, mask=mask, train=train, optim=optim, objective=objective)
 
 
@@ -177,8 +178,7 @@ def run_learned(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
                             out_dir=None if spec.blockwise else run_dir,
                             policy=bench.settings.get("extraction", "exact"), reconstruct=spec.reconstruct,
                             blockwise=(BlockwiseConfig(spec.blockwise, weight_lr=spec.blockwise_weight_lr)
-                                       if spec.blockwise else None),
-                            fit_sparse=BlockFit() if spec.sparse_weights == "fitted" else None)
+                                       if spec.blockwise else None))
     seconds = prior_seconds + result.total_seconds
     ppl = {split: masked_perplexity(bench.model, result.spec, windows_, f"{spec.name} {split}", result.weights)
            for split, windows_ in bench.evals.items()}

@@ -1,5 +1,7 @@
 """The learned-mask pipeline: one path through prior, learning, extraction and reconstruction."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -77,8 +79,9 @@ def test_learning_on_fitted_2_4_weights_keeps_dense_tiles_dense_and_sparse_tiles
     dense = _dense(model)
     calib = tiny_windows(vocab, n=4, seed=1)
     fit = BlockFit(steps=4)
-    result = learn_pipeline(model, tiny_windows(vocab), calib, tiny_config("patch-tile", steps=2), "sparsegpt",
-                            fit_sparse=fit)
+    config = tiny_config("patch-tile", steps=2)
+    config = dataclasses.replace(config, mask=dataclasses.replace(config.mask, sparse_weights="fitted"))
+    result = learn_pipeline(model, tiny_windows(vocab), calib, config, "sparsegpt", sparse_fit=fit)
     assert "fit 2:4" in result.seconds
     assert all(torch.equal(l.weight, dense[n]) for n, l in select_linears(model).items())
     fitted, _ = fitted_sparse_weights(model, result.prior, calib, fit)  # the same fit, done again
@@ -103,9 +106,10 @@ def test_fitted_2_4_weights_are_refused_with_block_wise_learning(tiny_tokenizer)
 
     vocab = len(tiny_tokenizer)
     with pytest.raises(PatchsparseError, match="block-wise"):
-        learn_pipeline(build_tiny_llama(vocab), tiny_windows(vocab), tiny_windows(vocab, n=4, seed=1),
-                       tiny_config("patch-tile", steps=2), "magnitude", fit_sparse=BlockFit(steps=2),
-                       blockwise=BlockwiseConfig(steps=2))
+        config = tiny_config("patch-tile", steps=2)
+        config = dataclasses.replace(config, mask=dataclasses.replace(config.mask, sparse_weights="fitted"))
+        learn_pipeline(build_tiny_llama(vocab), tiny_windows(vocab), tiny_windows(vocab, n=4, seed=1), config,
+                       "magnitude", sparse_fit=BlockFit(steps=2), blockwise=BlockwiseConfig(steps=2))
 
 
 def test_a_finished_run_resumes_to_the_same_masks_without_a_prior(tiny_tokenizer, tmp_path):

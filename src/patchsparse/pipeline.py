@@ -6,6 +6,7 @@ so a lever added here (distillation, reconstruction, a new prior) reaches every 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,8 @@ from patchsparse.learn.config import LearnConfig
 from patchsparse.learn.distributed import SINGLE, DataParallel
 from patchsparse.learn.masked import remove_masks
 from patchsparse.learn.priors import build_prior
-from patchsparse.learn.trainer import (CHECKPOINT_FILE, METRICS_FILE, PRIOR_FILE, RUN_FILE, LearnResult, learn_masks,
-                                       load_prior, save_prior, started_with)
+from patchsparse.learn.trainer import (CHECKPOINT_FILE, METRICS_FILE, PRIOR_FILE, RUN_FILE, LearnResult,
+                                       check_same_settings, learn_masks, load_prior, save_prior, started_with)
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
 from patchsparse.models.layers import block_index
 from patchsparse.prior.types import PriorMasks
@@ -91,7 +92,7 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
                    out_dir: Path | None = None, resume: bool | None = None,
                    policy: str = "exact", reconstruct: str | None = None, metadata: dict[str, Any] | None = None,
                    parallel: DataParallel = SINGLE, shard_optimizer: bool = False,
-                   blockwise: BlockwiseConfig | None = None, fit_sparse: BlockFit | None = None) -> PipelineResult:
+                   blockwise: BlockwiseConfig | None = None, sparse_fit: BlockFit = BlockFit()) -> PipelineResult:
     """Learn masks on `model` and return them extracted, with the model's dense weights back.
 
     prior: a prior already computed with `prior_method` (e.g. shared by several runs); else it is
@@ -102,11 +103,11 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
     end to end on `train_windows`; such a run keeps no checkpoint (it takes minutes): resuming it
     reuses only the saved prior. Under data parallelism every process calls this; only process 0's
     result is meaningful after extraction (the others return it too, for symmetry).
-    fit_sparse: learn on fitted 2:4 weights: the prior's all-2:4 masks get their weights fitted by
-    block reconstruction first (`fitted_sparse_weights`), and learning weighs every tile's dense
-    weights against those fitted ones rather than the dense weights under the 2:4 mask; the result's
-    weights (and the start of `reconstruct="block"`) are the dense tiles' dense weights and the
-    sparse tiles' fitted ones.
+    With `config.mask.sparse_weights == "fitted"` the prior's all-2:4 masks first get their weights
+    fitted by block reconstruction (`fitted_sparse_weights`, as `sparse_fit` says), and learning
+    weighs every tile's dense weights against those fitted ones rather than the dense weights under
+    the 2:4 mask; the result's weights (and the start of `reconstruct="block"`) are the dense tiles'
+    dense weights and the sparse tiles' fitted ones.
     """
     if resume is None:
         resume = can_resume(out_dir)
@@ -119,11 +120,13 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
         seconds["prior"] = time.perf_counter() - start
         log(f"{prior_method} prior computed in {seconds['prior']:.1f} s")
     sparse_weights = None
-    if fit_sparse is not None:
+    if config.mask.sparse_weights == "fitted":
+        if resume and out_dir is not None and (out_dir / RUN_FILE).is_file():  # refused before minutes of fitting
+            check_same_settings(json.loads((out_dir / RUN_FILE).read_text())["config"], config)
         if blockwise is not None:
             raise PatchsparseError("learning on fitted 2:4 weights is an end-to-end option, not one of block-wise "
                                    "learning")
-        sparse_weights, seconds["fit 2:4"] = fitted_sparse_weights(model, prior, calib_windows, fit_sparse)
+        sparse_weights, seconds["fit 2:4"] = fitted_sparse_weights(model, prior, calib_windows, sparse_fit)
     if blockwise is not None:
         if parallel.active:
             raise PatchsparseError("block-wise learning runs in one process; launch it without torchrun")

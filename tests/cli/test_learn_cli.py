@@ -123,3 +123,13 @@ def test_learning_on_fitted_2_4_weights_saves_dense_tiles_and_fitted_ones(tiny_m
         assert torch.equal(weights[name][in_dense_tiles], original[in_dense_tiles])
         sparse_kept = layer.keep_mask() & ~in_dense_tiles
         assert not torch.equal(weights[name][sparse_kept], original[sparse_kept])  # fitted, not dense
+
+
+def test_resuming_with_other_sparse_weights_is_refused_in_one_line(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, text_file, out, "--mode", "patch-tile", "--no-eval")) == 0
+    capsys.readouterr()
+    assert main(_args(tiny_model_dir, text_file, out, "--mode", "patch-tile", "--no-eval", "--resume",
+                      "--sparse-weights", "fitted")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mask.sparse_weights" in err[0]

@@ -56,7 +56,6 @@ def positive_float(value: str) -> float:
     return number
 
 
-SPARSE_WEIGHTS = ("dense", "fitted")
 SPARSE_WEIGHTS_HELP = ("what the sparse tiles' weights are while the masks learn: dense = the dense weights under "
                        "the 2:4 mask (the published method, default); fitted = the prior's 2:4 masks' weights after "
                        "block reconstruction, so that each tile's dense weights are weighed against 2:4 weights "

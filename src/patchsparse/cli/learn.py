@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from patchsparse.atomic import set_aside
-from patchsparse.cli.common import (SPARSE_WEIGHTS, SPARSE_WEIGHTS_HELP, add_data_args, add_json_arg, add_model_args,
+from patchsparse.cli.common import (SPARSE_WEIGHTS_HELP, add_data_args, add_json_arg, add_model_args,
                                     check_seqlen, check_writable_dir, non_negative_float, positive_int, settings_of)
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.windows import shuffled_blocks
@@ -27,7 +27,7 @@ from patchsparse.errors import PatchsparseError
 from patchsparse.extract import POLICIES, extraction_report
 from patchsparse.io.lock import directory_lock
 from patchsparse.learn.blockwise import BlockwiseConfig
-from patchsparse.learn.config import MODES, LearnConfig, LinearSchedule, with_overrides
+from patchsparse.learn.config import SPARSE_WEIGHTS, MODES, LearnConfig, LinearSchedule, with_overrides
 from patchsparse.learn.presets import PRESETS, preset_config
 from patchsparse.learn.trainer import PRIOR_FILE
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
@@ -38,7 +38,6 @@ from patchsparse.pipeline import learn_pipeline, learn_prior, masked_perplexity
 from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.types import PriorMasks
 from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
-from patchsparse.reconstruct import BlockFit
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log
 
@@ -124,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> LearnConfig:
                           hard_nm=args.hard, hard_tile=args.hard)
     if args.init_allocation is not None:
         mask = replace(mask, init_allocation=None if args.init_allocation == "uniform" else args.init_allocation)
+    mask = replace(mask, sparse_weights=args.sparse_weights)
     schedules = {name: LinearSchedule(*getattr(args, name)) for name in ("tau_nm", "kappa_nm", "tau_tile", "kappa_tile")
                  if getattr(args, name) is not None}
     sampling = with_overrides(config.sampling, **schedules)
@@ -211,9 +211,8 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
     blockwise = (BlockwiseConfig(args.blockwise, args.blockwise_windows, args.blockwise_weight_lr) if args.blockwise
                  else None)
     prior = calib = None
-    fit_sparse = BlockFit() if args.sparse_weights == "fitted" else None
     if (not (args.resume and (args.out / PRIOR_FILE).is_file()) or args.reconstruct != "none" or blockwise
-            or fit_sparse is not None):
+            or config.mask.sparse_weights == "fitted"):
         calib = random_windows(train_ids, args.calib_windows, config.train.seqlen, config.train.seed).to(device)
     if not (args.resume and (args.out / PRIOR_FILE).is_file()):
         start = time.perf_counter()
@@ -240,7 +239,7 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
     pipeline = learn_pipeline(model, windows, calib, config, args.prior, prior=prior, out_dir=args.out,
                               resume=args.resume, policy=args.policy, reconstruct=reconstruct,
                               metadata={"prior": args.prior, "preset": args.preset},
-                              parallel=parallel, shard_optimizer=shard, blockwise=blockwise, fit_sparse=fit_sparse)
+                              parallel=parallel, shard_optimizer=shard, blockwise=blockwise)
     result, spec = pipeline.learn, pipeline.spec
     if not main:
         parallel.barrier()  # wait until process 0 has written the masks

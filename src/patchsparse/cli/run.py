@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from patchsparse.cli.common import (SPARSE_WEIGHTS, SPARSE_WEIGHTS_HELP, add_json_arg, check_seqlen, check_writable_dir,
+from patchsparse.cli.common import (SPARSE_WEIGHTS_HELP, add_json_arg, check_seqlen, check_writable_dir,
                                     positive_int)
 from patchsparse.data import load_corpus, random_windows, sequential_windows, tokenize_texts
 from patchsparse.data.corpus import DEFAULT_CORPUS
@@ -29,7 +29,7 @@ from patchsparse.atomic import atomic_write_text
 from patchsparse.io.lock import directory_lock
 from patchsparse.io.maskfile import save_mask_spec
 from patchsparse.learn.blockwise import BlockwiseConfig
-from patchsparse.learn.config import LearnConfig, with_overrides
+from patchsparse.learn.config import SPARSE_WEIGHTS, LearnConfig, with_overrides
 from patchsparse.learn.presets import preset_config
 from patchsparse.models import load_model, select_linears
 from patchsparse.models.builtin import DEFAULT_MODEL
@@ -38,7 +38,6 @@ from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.oneshot import prune_model
 from patchsparse.masks.tiles import check_hybrid_sparsity
 from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
-from patchsparse.reconstruct import BlockFit
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log
 
@@ -119,7 +118,8 @@ def run_config(settings: RunSettings) -> LearnConfig:
     config = preset_config(settings.preset, settings.mode, settings.sparsity)
     config = with_overrides(config, train=with_overrides(config.train, steps=settings.steps),
                             objective=with_overrides(config.objective, distill=settings.distill),
-                            mask=with_overrides(config.mask, init_allocation=settings.init_allocation))
+                            mask=with_overrides(config.mask, init_allocation=settings.init_allocation,
+                                                sparse_weights=settings.sparse_weights))
     config.check()
     return config
 
@@ -220,12 +220,11 @@ def _run_main(args: argparse.Namespace, settings: RunSettings) -> int:
             log(f"the learning run saved in {out} had other settings; learning from the start")
         windows = shuffled_blocks(train_ids, config.train.seqlen, settings.seed)
         blockwise = BlockwiseConfig(settings.blockwise) if settings.blockwise else None
-        fit_sparse = BlockFit() if settings.sparse_weights == "fitted" else None
-        needs_calibration = (blockwise is not None or fit_sparse is not None or settings.reconstruct is not None
-                             or not can_resume(out))
+        needs_calibration = (blockwise is not None or config.mask.sparse_weights == "fitted"
+                             or settings.reconstruct is not None or not can_resume(out))
         result = learn_pipeline(model, windows, calibration() if needs_calibration else None, config,
                                 settings.prior, out_dir=out, reconstruct=settings.reconstruct, blockwise=blockwise,
-                                fit_sparse=fit_sparse, metadata={"prior": settings.prior, "preset": settings.preset})
+                                metadata={"prior": settings.prior, "preset": settings.preset})
         spec = result.spec
         save_mask_spec(spec, out / "masks", identity=loaded.identity, base_model=model, overwrite=True,
                        updated_weights=result.weights,

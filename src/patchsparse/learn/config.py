@@ -18,6 +18,7 @@ from patchsparse.models.layers import LayerSelection
 MODES = ("maskllm", "patch-tile", "patch-joint")
 DENSITY_SCOPES = ("global", "layer", "block")
 INIT_ALLOCATIONS = (None, "edges")   # where the tile prior starts the dense share (MaskConfig.init_allocation)
+SPARSE_WEIGHTS = ("dense", "fitted")  # what the 2:4 part of a mask multiplies (MaskConfig.sparse_weights)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class MaskConfig:
     # published prior); "edges" = whole blocks, the first and last ones dense, the others 2:4 (the
     # strongest one-shot baseline's allocation), which learning then refines tile by tile
     init_allocation: str | None = None
+    # what the 2:4 part of every mask multiplies while learning: "dense" = the dense weights (the
+    # published method); "fitted" = the prior's all-2:4 masks' weights after block reconstruction
+    # (`pipeline.fitted_sparse_weights`), so that tiles are weighed against compensated 2:4 weights
+    sparse_weights: str = "dense"
 
     @property
     def learns_patterns(self) -> bool:
@@ -68,6 +73,8 @@ class MaskConfig:
         if self.init_allocation not in INIT_ALLOCATIONS:
             raise PatchsparseError(f"unknown initial allocation '{self.init_allocation}' "
                                    f"(choose {', '.join(str(a) for a in INIT_ALLOCATIONS if a)})")
+        if self.sparse_weights not in SPARSE_WEIGHTS:
+            raise PatchsparseError(f"unknown sparse weights '{self.sparse_weights}' (choose {', '.join(SPARSE_WEIGHTS)})")
         rows, cols = self.tile
         if rows < 1 or cols < 4 or cols % 4:
             raise PatchsparseError(f"tile size {rows}x{cols} is invalid: rows >= 1 and columns a multiple of 4")

@@ -44,7 +44,6 @@ from patchsparse.learn.masked import (HARD, OFF, SAMPLE, MaskedModel, attach_mas
 from patchsparse.learn.objective import distillation_loss, sparsity_regulariser, weight_magnitude_ratio
 from patchsparse.learn.schedules import cosine_lr
 from patchsparse.masks.bits import pack_bits, unpack_bits
-from patchsparse.masks.tiles import TileGrid
 from patchsparse.models.layers import block_index
 from patchsparse.prior.types import LayerPrior, PriorMasks
 from patchsparse.utils import log, progress
@@ -175,12 +174,17 @@ def started_with(out_dir: Path, config: LearnConfig) -> bool:
         return False
 
 
-def _check_same_run(saved: dict, config: LearnConfig, layers: dict[str, list[int]]) -> None:
-    saved_config = _as_today(saved["config"])
+def check_same_settings(saved_config: dict, config: LearnConfig) -> None:
+    """Refuse to resume a run saved with `saved_config` under other settings than `config`."""
+    saved_config = _as_today(saved_config)
     if _normalised(saved_config) != _normalised(config.to_dict()):
         a, b = json.loads(_normalised(saved_config)), json.loads(_normalised(config.to_dict()))
         diffs = [f"{part}.{k}" for part in a for k in a[part] if a[part].get(k) != b.get(part, {}).get(k)]
         raise PatchsparseError(f"cannot resume: the checkpoint was made with different settings ({', '.join(diffs) or 'config'})")
+
+
+def _check_same_run(saved: dict, config: LearnConfig, layers: dict[str, list[int]]) -> None:
+    check_same_settings(saved["config"], config)
     if saved["layers"] != layers:
         raise PatchsparseError("cannot resume: the checkpoint was made for other layers or another model")
 
