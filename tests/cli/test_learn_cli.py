@@ -43,6 +43,7 @@ def test_learn_writes_masks_metrics_and_record(tiny_model_dir, text_file, tmp_pa
     (["--mode", "patch-tile", "--sparsity", "0.6"], "outside [0, 0.5]"),
     (["--mode", "maskllm", "--sparsity", "0.35"], "maskllm mode learns 2:4 masks only"),
     (["--mode", "patch-tile", "--tile", "16", "6"], "tile size 16x6 is invalid"),
+    (["--mode", "patch-tile", "--blockwise", "2", "--sparse-weights", "fitted"], "for end-to-end learning"),
 ])
 def test_bad_input_is_one_line(tiny_model_dir, text_file, tmp_path, capsys, extra, message):
     assert main(_args(tiny_model_dir, text_file, tmp_path / "run", *extra)) == 2

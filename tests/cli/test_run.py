@@ -49,6 +49,14 @@ def test_main_job_rejects_bad_target(tiny_model_dir, varied_text_file, tmp_path,
     assert not (tmp_path / "x").exists()
 
 
+def test_main_job_refuses_fitted_sparse_weights_with_block_wise_learning(tiny_model_dir, varied_text_file, tmp_path,
+                                                                        capsys):
+    out = tmp_path / "x"
+    assert _run(tiny_model_dir, varied_text_file, out, "--blockwise", "2", "--sparse-weights", "fitted") == 2
+    assert "for end-to-end learning" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_finished_step_is_reused_when_only_settings_it_ignores_change(tmp_path):
     from dataclasses import replace
 

@@ -173,6 +173,8 @@ def run_learn(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.blockwise < 0:
         raise PatchsparseError(f"--blockwise must be >= 0 steps per block, got {args.blockwise}")
+    if args.blockwise and args.sparse_weights == "fitted":
+        raise PatchsparseError("--sparse-weights fitted is for end-to-end learning; drop it or --blockwise")
     if args.blockwise and args.resume:
         raise PatchsparseError("a block-wise run keeps no checkpoint to resume; run it again without --resume")
     device = resolve_device(args.device)

@@ -109,6 +109,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
                            init_allocation=None if args.init_allocation == "uniform" else args.init_allocation)
     if settings.blockwise < 0:
         raise PatchsparseError(f"--blockwise must be >= 0 steps per block, got {settings.blockwise}")
+    if settings.blockwise and settings.sparse_weights == "fitted":
+        raise PatchsparseError("--sparse-weights fitted is for end-to-end learning; drop it or --blockwise")
     run_config(settings)
     return settings
 
