@@ -87,6 +87,18 @@ def learn_prior(model: nn.Module, calib_windows: torch.Tensor | None, method: st
     return build_prior(model, calib_windows, method, config.mask.sparsity, tile, config.mask.selection)
 
 
+def check_learning_options(config: LearnConfig, blockwise: bool) -> None:
+    """Refuse, before any work, a combination of options the pipeline cannot run."""
+    if blockwise and config.mask.sparse_weights == "fitted":
+        raise PatchsparseError("learning on fitted 2:4 weights (--sparse-weights fitted) is for end-to-end learning, "
+                               "not block-wise (--blockwise)")
+
+
+def prior_2_4_spec(prior: PriorMasks) -> HybridMaskSpec:
+    """The prior's 2:4 masks on every layer, no dense tiles."""
+    return HybridMaskSpec({name: LayerMask(layer.nm_keep.cpu(), "2:4") for name, layer in prior.items()})
+
+
 def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows: torch.Tensor | None,
                    config: LearnConfig, prior_method: str, *, prior: PriorMasks | None = None,
                    out_dir: Path | None = None, resume: bool | None = None,
@@ -109,6 +121,7 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
     the 2:4 mask; the result's weights (and the start of `reconstruct="block"`) are the dense tiles'
     dense weights and the sparse tiles' fitted ones.
     """
+    check_learning_options(config, blockwise is not None)
     if resume is None:
         resume = can_resume(out_dir)
     seconds: dict[str, float] = {}
@@ -123,9 +136,6 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
     if config.mask.sparse_weights == "fitted":
         if resume and out_dir is not None and (out_dir / RUN_FILE).is_file():  # refused before minutes of fitting
             check_same_settings(json.loads((out_dir / RUN_FILE).read_text())["config"], config)
-        if blockwise is not None:
-            raise PatchsparseError("learning on fitted 2:4 weights is an end-to-end option, not one of block-wise "
-                                   "learning")
         sparse_weights, seconds["fit 2:4"] = fitted_sparse_weights(model, prior, calib_windows, sparse_fit)
     if blockwise is not None:
         if parallel.active:
@@ -166,8 +176,7 @@ def fitted_sparse_weights(model: nn.Module, prior: PriorMasks, calib_windows: to
     dense weights."""
     if calib_windows is None:
         raise PatchsparseError("fitting the 2:4 weights needs calibration windows")
-    all_2_4 = HybridMaskSpec({name: LayerMask(layer.nm_keep.cpu(), "2:4") for name, layer in prior.items()})
-    _, weights, seconds = reconstructed(model, all_2_4, calib_windows, "block", block_fit=fit)
+    _, weights, seconds = reconstructed(model, prior_2_4_spec(prior), calib_windows, "block", block_fit=fit)
     log(f"2:4 prior's weights fitted in {seconds:.1f} s")
     return weights, seconds
 

@@ -46,30 +46,29 @@ def positive_int(value: str) -> int:
     return number
 
 
-def positive_float(value: str) -> float:
+def _finite_float(value: str, accept, what: str) -> float:
+    """argparse type: a finite float that `accept` allows, else one line naming `what`."""
     try:
         number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}") from None
-    if not number > 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}") from None
+    if not accept(number) or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
     return number
+
+
+def positive_float(value: str) -> float:
+    return _finite_float(value, lambda number: number > 0, "a positive number")
+
+
+def non_negative_float(value: str) -> float:
+    return _finite_float(value, lambda number: number >= 0, "a number >= 0")
 
 
 SPARSE_WEIGHTS_HELP = ("what the sparse tiles' weights are while the masks learn: dense = the dense weights under "
                        "the 2:4 mask (the published method, default); fitted = the prior's 2:4 masks' weights after "
                        "block reconstruction, so that each tile's dense weights are weighed against 2:4 weights "
                        "that compensate (the result, and its block reconstruction, then start from them)")
-
-
-def non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}") from None
-    if not number >= 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}")
-    return number
 
 
 def check_seqlen(seqlen: int, max_positions: int | None, option: str = "--seqlen") -> None:

@@ -34,7 +34,8 @@ from patchsparse.masks.spec import HybridMaskSpec, LayerMask
 from patchsparse.masks.tiles import TileGrid, initial_dense_tiles
 from patchsparse.learn.distributed import DataParallel
 from patchsparse.models import LayerSelection, load_model, resolve_device
-from patchsparse.pipeline import learn_pipeline, learn_prior, masked_perplexity
+from patchsparse.pipeline import (check_learning_options, learn_pipeline, learn_prior, masked_perplexity,
+                                  prior_2_4_spec)
 from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.types import PriorMasks
 from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
@@ -154,7 +155,7 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
 
 def prior_spec(prior: PriorMasks, config: LearnConfig) -> dict[str, HybridMaskSpec]:
     """The masks learning starts from: the 2:4 prior, and (patch modes) with the prior's dense tiles."""
-    specs = {"prior 2:4": HybridMaskSpec({n: LayerMask(p.nm_keep.cpu(), "2:4") for n, p in prior.items()})}
+    specs = {"prior 2:4": prior_2_4_spec(prior)}
     if config.mask.learns_tiles and all(p.tile_scores is not None for p in prior.values()):
         layers = {}
         for name, p in prior.items():
@@ -173,8 +174,7 @@ def run_learn(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.blockwise < 0:
         raise PatchsparseError(f"--blockwise must be >= 0 steps per block, got {args.blockwise}")
-    if args.blockwise and args.sparse_weights == "fitted":
-        raise PatchsparseError("--sparse-weights fitted is for end-to-end learning; drop it or --blockwise")
+    check_learning_options(config, bool(args.blockwise))
     if args.blockwise and args.resume:
         raise PatchsparseError("a block-wise run keeps no checkpoint to resume; run it again without --resume")
     device = resolve_device(args.device)

@@ -33,7 +33,8 @@ from patchsparse.learn.config import SPARSE_WEIGHTS, LearnConfig, with_overrides
 from patchsparse.learn.presets import preset_config
 from patchsparse.models import load_model, select_linears
 from patchsparse.models.builtin import DEFAULT_MODEL
-from patchsparse.pipeline import can_resume, discard_other_run, learn_pipeline, masked_perplexity
+from patchsparse.pipeline import (can_resume, check_learning_options, discard_other_run, learn_pipeline,
+                                  masked_perplexity)
 from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.oneshot import prune_model
 from patchsparse.masks.tiles import check_hybrid_sparsity
@@ -109,9 +110,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
                            init_allocation=None if args.init_allocation == "uniform" else args.init_allocation)
     if settings.blockwise < 0:
         raise PatchsparseError(f"--blockwise must be >= 0 steps per block, got {settings.blockwise}")
-    if settings.blockwise and settings.sparse_weights == "fitted":
-        raise PatchsparseError("--sparse-weights fitted is for end-to-end learning; drop it or --blockwise")
-    run_config(settings)
+    check_learning_options(run_config(settings), bool(settings.blockwise))
     return settings
 
 
