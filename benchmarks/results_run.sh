@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The run behind docs/RESULTS.md: the rows that answer "does learning pay?" at 35/45/25% and 2:4, each
+# learned pipeline beside the strongest one-shot baseline at the same sparsity, with and without the same
+# block reconstruction; most important first, so that a stopped run still answers for 35%:
+#   bash benchmarks/results_run.sh [OUTDIR]      (default runs/results; resumable, about 2 h 15 min on 2 cores)
+# The wider studies live in benchmarks/quality_study.sh and benchmarks/levers_study.sh.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"  # relative paths, so that the command recorded in the results names no machine's folders
+out="${1:-runs/results}"
+python="${PYTHON:-$root/.venv/bin/python}"
+[ -x "$python" ] || python=python3
+export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
+for rows in dense,sparsegpt-2:4,blocks-edges-35%,patch-tile-35%,patch-tile-35%-edges-block,blocks-edges-35%-block,blocks-edges-35%-block128 \
+            patch-tile-45%,blocks-edges-45%,patch-tile-45%-edges-block,blocks-edges-45%-block,blocks-edges-45%-block128 \
+            magnitude-2:4,wanda-2:4,maskllm-2:4,maskllm-2:4-block,sparsegpt-2:4-block \
+            patch-tile-25%,blocks-edges-25%,patch-tile-25%-edges-block,blocks-edges-25%-block \
+            sparsegpt-unstructured-25%,sparsegpt-unstructured-35%,sparsegpt-unstructured-45% \
+            maskllm-2:4-joint-block,patch-tile-35%-edges-fitted-block; do
+    "$python" benchmarks/quality.py --out "$out" --results docs/RESULTS.md --only "$rows"
+done
