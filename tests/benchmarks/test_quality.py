@@ -135,6 +135,45 @@ def test_learned_rows_against_the_best_acceleratable_baseline(quality, report):
     assert found["MaskLLM 2:4"]["baseline"] == "SparseGPT 2:4"
 
 
+def test_meets_target_reads_the_bound_on_the_first_split_and_1_on_the_others(report):
+    assert report.meets_target([0.75, 0.99], 0.75)          # at the bound counts
+    assert not report.meets_target([0.76, 0.5], 0.75)
+    assert not report.meets_target([0.7, 1.0], 0.75)        # a tie out of domain is not better
+    assert report.meets_target([0.99], 1.0)
+    assert not report.meets_target([1.0], 1.0)              # at 2:4 a tie does not beat the baseline
+
+
+def test_results_row_set_renders_in_sections_with_the_targets(quality, report):
+    specs, sections = quality.row_set(quality.default_specs(), "results")
+    names = [s.name for s in specs]
+    assert names[0] == "dense" and len(names) == len(set(names))
+    assert sections["blocks-edges-35%-block128"] == "35%" and sections["maskllm-2:4-joint-block"] == "2:4 (50%)"
+    settings = {"steps": 40, "preset": "cpu", "eval_windows": 16, "seqlen": 512, "calib_windows": 32}
+
+    def row(sparsity, in_domain, ood):
+        return {"commit": "abc", "machine": {"cpu": "x"},
+                "figures": {"sparsity": sparsity, "ppl": {"in": in_domain, "ood": ood}, "method_seconds": 1.0,
+                            "wall_seconds": 2.0, "tokens_seen": 100}}
+
+    rows = {"dense": row(0, 10.0, 20.0),
+            "blocks-edges-35%": row(0.35, 40.0, 80.0), "blocks-edges-35%-block128": row(0.35, 30.0, 70.0),
+            "patch-tile-35%-edges-block": row(0.35, 22.5, 69.0),     # 0.75 and below 1: met
+            "patch-tile-35%": row(0.35, 24.0, 60.0),                 # 0.8 in domain: not met
+            "sparsegpt-unstructured-35%": row(0.35, 12.0, 30.0),     # not a reference: no kernel runs it
+            "sparsegpt-2:4-block": row(0.5, 40.0, 100.0), "maskllm-2:4-joint-block": row(0.5, 39.0, 99.0)}
+    text = report.render_results(rows, specs, settings, "cmd", ["in", "ood"], None, "none", sections)
+    assert text.index("### reference") < text.index("### 35%") < text.index("### 45%") < text.index("### 2:4 (50%)")
+    assert "### levers" not in text and "### learned" not in text
+    assert "| PATCH-Tile 35% + edge-block start + block reconstruction | 0.750 |" in text
+    assert text.split("| PATCH-Tile 35% + edge-block start + block reconstruction | 0.750 |")[1].split("\n")[0] \
+        .endswith("| yes |")
+    assert text.split("| PATCH-Tile 35% | 0.800 |")[1].split("\n")[0].endswith("| no |")
+    assert text.split("| MaskLLM 2:4 learned block-wise with the weights + block reconstruction | 0.975 |")[1] \
+        .split("\n")[0].endswith("| yes |")
+    with pytest.raises(quality.PatchsparseError, match="row set 'results'"):
+        quality.row_set(quality.tiny_specs(), "results")
+
+
 # ---- the tiny configuration end to end ----
 
 def test_tiny_configuration_end_to_end_and_resume(quality, report, tmp_path, capsys, monkeypatch):
