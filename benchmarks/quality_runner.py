@@ -20,7 +20,6 @@ from patchsparse.learn.blockwise import BlockwiseConfig
 from patchsparse.learn.config import LearnConfig, with_overrides
 from patchsparse.learn.presets import preset_config
 from patchsparse.learn.priors import build_prior
-from patchsparse.masks.spec import HybridMaskSpec
 from patchsparse.models import select_linears
 from patchsparse.models.layers import MLP_ONLY, LayerSelection
 from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity
@@ -30,12 +29,6 @@ from patchsparse.reconstruct import BlockFit, reconstruct_blocks, updated_weight
 
 from quality_report import settings_key
 from quality_specs import FULL_WIDTH, MethodSpec, key_fields
-
-
-def global_sparsity(spec: HybridMaskSpec, total_weights: int) -> float:
-    """Pruned weights of `spec` over all decoder linear weights (a partial mask leaves the rest dense)."""
-    pruned = sum(int((~layer.keep_mask()).sum()) for layer in spec.layers.values())
-    return pruned / total_weights
 
 
 # ---- running -------------------------------------------------------------------------------------
@@ -136,7 +129,7 @@ def run_oneshot(bench: Bench, spec: MethodSpec, selection: LayerSelection = Laye
         ppl = bench.perplexities(spec.name)
     finally:
         bench.restore()
-    return {"sparsity": global_sparsity(spec_masks, bench.total_weights), "ppl": ppl, "method_seconds": seconds,
+    return {"sparsity": spec_masks.sparsity_over(bench.total_weights), "ppl": ppl, "method_seconds": seconds,
             "calib_tokens": bench.calib_tokens + extra_tokens, "train_tokens": 0,
             "masked_layers": len(spec_masks.layers)}
 
@@ -186,7 +179,7 @@ def run_learned(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
     # block-wise rows learn on the calibration windows: each block sees steps × windows-per-step of them
     train_tokens = (spec.blockwise * BlockwiseConfig().windows_per_step * bench.settings["seqlen"] if spec.blockwise
                     else tc.steps * tc.windows_per_step * tc.seqlen)
-    return {"sparsity": global_sparsity(result.spec, bench.total_weights), "ppl": ppl, "method_seconds": seconds,
+    return {"sparsity": result.spec.sparsity_over(bench.total_weights), "ppl": ppl, "method_seconds": seconds,
             "calib_tokens": bench.calib_tokens, "train_tokens": train_tokens,
             "steps": result.learn.steps_run if spec.blockwise else tc.steps, "tile": list(config.mask.tile) if spec.mode != "maskllm" else None,
             "prior_seconds": round(prior_seconds, 1),

@@ -258,3 +258,70 @@ def test_a_saved_learning_run_with_other_settings_is_discarded_not_resumed(tiny_
     assert discard_other_run(tmp_path, other)
     assert not any((tmp_path / n).exists() for n in (CHECKPOINT_FILE, PRIOR_FILE, RUN_FILE))
     assert (tmp_path / "results" / "dense.json").is_file()
+
+
+def test_oneshot_blocks_prunes_the_middle_blocks_and_fits_from_the_pruners_update(tiny_tokenizer, monkeypatch):
+    from patchsparse import reconstruct as reconstruction
+    from patchsparse.pipeline import oneshot_blocks
+    from patchsparse.prior.oneshot import prune_model
+    from patchsparse.reconstruct import BlockFit
+
+    vocab = len(tiny_tokenizer)
+    model = build_tiny_llama(vocab, layers=4)
+    dense = _dense(model)
+    calib = tiny_windows(vocab, n=4, seed=1)
+    fits = []
+    fit_blocks = reconstruction.reconstruct_blocks
+    monkeypatch.setattr(reconstruction, "reconstruct_blocks", lambda model, spec, windows, fit, start=None:
+                        fits.append((fit, start)) or fit_blocks(model, spec, windows, fit, start=start))
+    # 4 equal blocks: 2 at 2:4 give 25% (nearest 0.3); the first and last stay dense
+    result = oneshot_blocks(model, calib, 0.3, block_fit=BlockFit(steps=3))
+    assert result.sparse_blocks == [1, 2] and result.sparsity == pytest.approx(0.25)
+    assert {n.split(".")[2] for n in result.spec.layers} == {"1", "2"}
+    assert all(torch.equal(l.weight, dense[n]) for n, l in select_linears(model).items())  # dense weights back
+    [(fit, start)] = fits
+    assert fit.steps == 3 and result.spec.metadata["reconstruction_steps_per_block"] == 3
+    # the fit starts from SparseGPT's own update of those blocks, not from the dense weights under the masks
+    from patchsparse.prior.allocation import block_selection
+    pruned = prune_model(model, calib, "sparsegpt", "2:4", selection=block_selection("model.layers", [1, 2]))
+    for name, linear in select_linears(model, block_selection("model.layers", [1, 2])).items():
+        assert torch.equal(start[name], linear.weight.detach().cpu())
+        assert torch.equal(pruned.layers[name].keep_mask(), result.spec.layers[name].keep_mask())
+        keep = result.spec.layers[name].keep_mask()
+        assert not result.weights[name][~keep].any() and not torch.equal(result.weights[name], start[name])
+
+
+def test_oneshot_blocks_refuses_a_target_nearer_no_block_than_one(tiny_tokenizer):
+    from patchsparse.errors import PatchsparseError
+    from patchsparse.pipeline import oneshot_blocks
+
+    model = build_tiny_llama(len(tiny_tokenizer), layers=4)
+    with pytest.raises(PatchsparseError, match="closer to no 2:4 block"):
+        oneshot_blocks(model, tiny_windows(len(tiny_tokenizer), n=2), 0.05)
+
+
+def test_learn_pipeline_hands_its_block_fit_to_the_reconstruction(tiny_tokenizer, monkeypatch):
+    from patchsparse import reconstruct as reconstruction
+    from patchsparse.reconstruct import BlockFit
+
+    vocab = len(tiny_tokenizer)
+    fits = []
+    fit_blocks = reconstruction.reconstruct_blocks
+    monkeypatch.setattr(reconstruction, "reconstruct_blocks", lambda model, spec, windows, fit, start=None:
+                        fits.append(fit) or fit_blocks(model, spec, windows, fit, start=start))
+    result = learn_pipeline(build_tiny_llama(vocab), tiny_windows(vocab), tiny_windows(vocab, n=4, seed=1),
+                            tiny_config("patch-tile", steps=2), "sparsegpt", reconstruct="block",
+                            block_fit=BlockFit(steps=5))
+    assert [f.steps for f in fits] == [5] and result.spec.metadata["reconstruction_steps_per_block"] == 5
+
+
+def test_masks_without_learning_take_over_a_folder_from_a_learning_run(tmp_path):
+    from patchsparse.learn.trainer import METRICS_FILE, PRIOR_FILE
+    from patchsparse.pipeline import discard_other_run
+
+    assert not discard_other_run(tmp_path, None)  # nothing there
+    (tmp_path / PRIOR_FILE).write_bytes(b"x")
+    (tmp_path / METRICS_FILE).write_text("{}\n")
+    (tmp_path / "summary.md").write_text("kept")
+    assert discard_other_run(tmp_path, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.md"]

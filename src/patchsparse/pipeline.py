@@ -1,4 +1,5 @@
-"""The learned-mask pipeline in one place: prior → learn → extract → remove → (reconstruct), and scoring.
+"""The learned-mask pipeline in one place: prior → learn → extract → remove → (reconstruct), and scoring;
+beside it the one-shot block pipeline (`oneshot_blocks`) that `patchsparse run` uses by default.
 
 `patchsparse run`, `patchsparse learn` and the quality benchmark all go through `learn_pipeline`,
 so a lever added here (distillation, reconstruction, a new prior) reaches every one of them.
@@ -26,7 +27,9 @@ from patchsparse.learn.priors import build_prior
 from patchsparse.learn.trainer import (CHECKPOINT_FILE, METRICS_FILE, PRIOR_FILE, RUN_FILE, LearnResult,
                                        check_same_settings, learn_masks, load_prior, save_prior, started_with)
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
-from patchsparse.models.layers import block_index
+from patchsparse.models.layers import block_index, select_linears
+from patchsparse.prior.allocation import allocate_blocks
+from patchsparse.prior.oneshot import prune_model
 from patchsparse.prior.types import PriorMasks
 from patchsparse.reconstruct import BlockFit, reconstruct_model, updated_weights
 from patchsparse.utils import log
@@ -37,13 +40,18 @@ def can_resume(run_dir: Path | None) -> bool:
     return run_dir is not None and ((run_dir / CHECKPOINT_FILE).is_file() or (run_dir / PRIOR_FILE).is_file())
 
 
-def discard_other_run(run_dir: Path, config: LearnConfig) -> bool:
+def discard_other_run(run_dir: Path, config: LearnConfig | None) -> bool:
     """Remove the learning run saved in `run_dir` (prior, checkpoint, metrics) when it was started
-    with other settings than `config`, so that a new run starts there instead of refusing to
-    resume. Returns whether one was removed. Other files of the folder are left alone."""
-    if not (run_dir / RUN_FILE).is_file() or started_with(run_dir, config):
+    with other settings than `config` (None: when masks without learning take the folder over), so
+    that a new run starts there instead of refusing to resume, and a report shows no stale curves.
+    Returns whether one was removed. Other files of the folder are left alone."""
+    files = (CHECKPOINT_FILE, PRIOR_FILE, METRICS_FILE, RUN_FILE)
+    if config is None:
+        if not any((run_dir / name).exists() for name in files):
+            return False
+    elif not (run_dir / RUN_FILE).is_file() or started_with(run_dir, config):
         return False  # (without a run file, e.g. block-wise runs, only the prior is there to reuse)
-    for name in (CHECKPOINT_FILE, PRIOR_FILE, METRICS_FILE, RUN_FILE):
+    for name in files:
         (run_dir / name).unlink(missing_ok=True)
     return True
 
@@ -104,13 +112,15 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
                    out_dir: Path | None = None, resume: bool | None = None,
                    policy: str = "exact", reconstruct: str | None = None, metadata: dict[str, Any] | None = None,
                    parallel: DataParallel = SINGLE, shard_optimizer: bool = False,
-                   blockwise: BlockwiseConfig | None = None, sparse_fit: BlockFit = BlockFit()) -> PipelineResult:
+                   blockwise: BlockwiseConfig | None = None, sparse_fit: BlockFit = BlockFit(),
+                   block_fit: BlockFit = BlockFit()) -> PipelineResult:
     """Learn masks on `model` and return them extracted, with the model's dense weights back.
 
     prior: a prior already computed with `prior_method` (e.g. shared by several runs); else it is
     computed here. resume: None resumes whenever `out_dir` holds a started run (`can_resume`); the
     saved prior is then reused and no calibration runs. reconstruct: None, "repick", "fixed" or "block"
-    (`patchsparse.reconstruct`); the reconstructed weights are returned, the model keeps its own.
+    (`patchsparse.reconstruct`; `block` trains as `block_fit` says); the reconstructed weights are
+    returned, the model keeps its own.
     blockwise: learn block by block on the calibration windows (`learn.blockwise`) instead of
     end to end on `train_windows`; such a run keeps no checkpoint (it takes minutes): resuming it
     reuses only the saved prior. Under data parallelism every process calls this; only process 0's
@@ -165,9 +175,53 @@ def learn_pipeline(model: nn.Module, train_windows: torch.Tensor, calib_windows:
                    for name, layer in spec.layers.items()}
         spec.metadata["weights_updated"] = True
     if reconstruct is not None:
-        spec, weights, seconds["reconstruct"] = reconstructed(
-            model, spec, calib_windows, reconstruct, **({"start": weights} if weights is not None else {}))
+        spec, weights, seconds["reconstruct"] = reconstructed(model, spec, calib_windows, reconstruct,
+                                                              block_fit=block_fit, start=weights)
     return PipelineResult(spec, result, prior, weights, seconds)
+
+
+@dataclass
+class OneShotResult:
+    spec: HybridMaskSpec                    # 2:4 masks of the sparse blocks' linears (the other blocks dense)
+    weights: dict[str, torch.Tensor]        # their weights: the pruner's update, then the reconstruction's (CPU)
+    sparse_blocks: list[int]
+    sparsity: float                         # over all decoder linears
+    seconds: dict[str, float] = field(default_factory=dict)  # prune / reconstruct
+
+
+def oneshot_blocks(model: nn.Module, calib_windows: torch.Tensor, sparsity: float, *, pruner: str = "sparsegpt",
+                   allocation: str = "edges", reconstruct: str | None = "block",
+                   block_fit: BlockFit = BlockFit()) -> OneShotResult:
+    """A hybrid mask without learning: whole decoder blocks 2:4 (the pruner's groups and, for SparseGPT,
+    its weight update) and the others dense, as many 2:4 blocks as bring all decoder linears nearest
+    `sparsity` (`allocation`: `edges` keeps the first and last blocks dense); then the kept weights
+    reconstructed (`block` starts its fit from the pruner's update). The model keeps its dense weights.
+
+    On the default model at the CPU budget this beats every learned pipeline tried (docs/LEARN.md,
+    "More tries"), which is why `patchsparse run` uses it by default.
+    """
+    start = time.perf_counter()
+    selection, blocks, _ = allocate_blocks(model, allocation, sparsity, calib_windows)
+    if not blocks:
+        raise PatchsparseError(f"sparsity {sparsity} is closer to no 2:4 block than to one; raise it, "
+                               "or learn the tiles (--mode patch-tile)")
+    seconds: dict[str, float] = {}
+    linears = select_linears(model, selection)
+    dense = {name: module.weight.detach().clone() for name, module in linears.items()}
+    try:
+        spec = prune_model(model, calib_windows, pruner, "2:4", selection=selection, update_weights=True)
+        weights = updated_weights(model, spec)
+    finally:
+        with torch.no_grad():
+            for name, module in linears.items():
+                module.weight.copy_(dense[name])
+    sparsity = spec.sparsity_over(sum(m.weight.numel() for m in select_linears(model).values()))
+    spec.metadata.update(block_allocation=allocation, sparse_blocks=blocks, model_sparsity=sparsity)
+    seconds["prune"] = time.perf_counter() - start
+    if reconstruct is not None:
+        spec, weights, seconds["reconstruct"] = reconstructed(model, spec, calib_windows, reconstruct,
+                                                              block_fit=block_fit, start=weights)
+    return OneShotResult(spec, weights, blocks, sparsity, seconds)
 
 
 def fitted_sparse_weights(model: nn.Module, prior: PriorMasks, calib_windows: torch.Tensor | None,

@@ -16,10 +16,11 @@ def varied_text_file(tmp_path):
     return path
 
 
-def _run(tiny_model_dir, varied_text_file, out, *extra):
+def _run(tiny_model_dir, varied_text_file, out, *extra, learn=True):
+    mode = ["--mode", "patch-tile", "--steps", "3"] if learn else []
     return main(["run", "--model", str(tiny_model_dir), "--data", str(varied_text_file), "--out", str(out),
-                 "--seqlen", "64", "--calib-windows", "2", "--eval-windows", "2", "--steps", "3",
-                 "--prior", "magnitude", *extra])
+                 "--seqlen", "64", "--calib-windows", "2", "--eval-windows", "2", "--prior", "magnitude",
+                 *mode, *extra])
 
 
 def test_main_job_on_tiny_model_writes_table_report_and_reuses_steps(tiny_model_dir, varied_text_file, tmp_path,
@@ -41,6 +42,41 @@ def test_main_job_on_tiny_model_writes_table_report_and_reuses_steps(tiny_model_
     err = capsys.readouterr().err
     assert err.count("reusing") == 3
     assert {p.name: p.read_text() for p in (out / "results").glob("*.json")} == first
+
+
+def test_main_job_by_default_prunes_the_middle_blocks_and_fits_them(tiny_model_dir, varied_text_file, tmp_path,
+                                                                    capsys):
+    from patchsparse.io.maskfile import load_mask_spec, load_updated_weights
+
+    out = tmp_path / "run"
+    (out).mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # a learning run's leftovers: not this run's curves
+    assert _run(tiny_model_dir, varied_text_file, out, "--block-steps", "2", "--json", str(tmp_path / "r.json"),
+                learn=False) == 0
+    assert "PATCH oneshot 35%" in capsys.readouterr().out
+    assert not (out / "metrics.jsonl").exists()
+    patch = json.loads((tmp_path / "r.json").read_text())["figures"]["PATCH oneshot 35%"]
+    # two equal blocks: 35% is nearest one block at 2:4, the last (the first stays dense): 25% of all weights
+    assert patch["sparse_blocks"] == [1] and patch["sparsity"] == pytest.approx(0.25)
+    spec = load_mask_spec(out / "masks")
+    assert spec.layers and all(name.startswith("model.layers.1.") for name in spec.layers)
+    assert {layer.pattern for layer in spec.layers.values()} == {"2:4"} and spec.sparsity() == pytest.approx(0.5)
+    assert spec.metadata["reconstruction_steps_per_block"] == 2
+    weights = load_updated_weights(out / "masks", spec)
+    for name, layer in spec.layers.items():  # the fitted weights are zero where the masks prune
+        assert not weights[name][~layer.keep_mask()].any()
+    assert (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize("option", [["--steps", "3"], ["--distill", "0.5"], ["--blockwise", "2"],
+                                    ["--sparse-weights", "fitted"], ["--init-allocation", "uniform"]])
+def test_main_job_refuses_learning_options_without_learning(option, tiny_model_dir, varied_text_file, tmp_path,
+                                                            capsys):
+    out = tmp_path / "x"
+    assert _run(tiny_model_dir, varied_text_file, out, *option, learn=False) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "learn" in line and option[0] in line
+    assert not out.exists()
 
 
 def test_main_job_rejects_bad_target(tiny_model_dir, varied_text_file, tmp_path, capsys):

@@ -75,6 +75,15 @@ def test_report_without_optional_inputs(tiny_model, tmp_path):
         "density_per_layer.png", "density_per_projection.png", "tile_maps.png"]
 
 
+def test_report_of_masks_on_some_blocks_gives_the_sparsity_over_all_linears(tiny_model, tmp_path):
+    spec = hybrid_spec(tiny_model, metadata={"mode": None, "model_sparsity": 0.25})
+    save_mask_spec(spec, tmp_path / "run")
+    text = build_report(tmp_path / "run").read_text()
+    assert "| sparsity over all decoder linears | 25.00% (layers without masks stay dense) |" in text
+    write_run_dir(tmp_path / "other", tiny_model, with_metrics=False, with_results=False)
+    assert "over all decoder linears" not in build_report(tmp_path / "other").read_text()
+
+
 def test_rerun_replaces_stale_figures(tiny_model, tmp_path):
     write_run_dir(tmp_path / "run", tiny_model)
     build_report(tmp_path / "run")

@@ -172,8 +172,7 @@ def _run_prune(args: argparse.Namespace, pattern: PrunePattern) -> int:
     prune_seconds = time.perf_counter() - start + allocation_seconds
     label = f"{args.method} {pattern.label}" + (f" + dense {tile[0]}x{tile[1]} tiles" if tile else "")
     if blocks:
-        kept, total = spec.kept_and_total()
-        model_sparsity = (total - kept) / sum(m.weight.numel() for m in linears.values())
+        model_sparsity = spec.sparsity_over(sum(m.weight.numel() for m in linears.values()))
         spec.metadata.update(block_allocation=args.allocation, sparse_blocks=blocks, model_sparsity=model_sparsity)
         label += f" on {len(blocks)} of {len(decoder_layers(model)[1])} blocks ({args.allocation}: {blocks})"
     print(f"{label}: {len(spec.layers)} linears pruned to sparsity {spec.sparsity():.4f} "

@@ -1,5 +1,9 @@
 """`patchsparse run`: the main job — dense vs SparseGPT 2:4 vs PATCH on the default model.
 
+The PATCH row is by default the pipeline that wins at a CPU budget (`--mode oneshot`: SparseGPT 2:4
+on the middle decoder blocks, the first and last dense, then block reconstruction); `--mode
+patch-tile` or `patch-joint` learns the tiles instead (docs/LEARN.md says what each gives).
+
 Each step writes its result record to `OUT/results/<step>.json` when it finishes; a rerun with the
 same settings reuses finished steps (and an interrupted PATCH run resumes from its checkpoint).
 The run directory is also a report directory: `OUT/masks/` (PATCH masks), `OUT/metrics.jsonl`,
@@ -11,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,15 +38,21 @@ from patchsparse.learn.presets import preset_config
 from patchsparse.models import load_model, select_linears
 from patchsparse.models.builtin import DEFAULT_MODEL
 from patchsparse.pipeline import (can_resume, check_learning_options, discard_other_run, learn_pipeline,
-                                  masked_perplexity)
+                                  masked_perplexity, oneshot_blocks)
 from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.oneshot import prune_model
 from patchsparse.masks.tiles import check_hybrid_sparsity
-from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
+from patchsparse.reconstruct import MODES as RECONSTRUCTIONS, BlockFit
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log
 
 RESULTS = "results"
+ONESHOT = "oneshot"
+MODES = (ONESHOT, "patch-tile", "patch-joint")
+# block-fit steps per block when --block-steps is not given: the one-shot pipeline spends on the fit
+# the minutes the learned ones spend learning (both about 8 min on 2 cores at 35%)
+DEFAULT_BLOCK_STEPS = {ONESHOT: 128}
+LEARNING_ONLY = ("steps", "distill", "blockwise", "sparse_weights")
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,15 @@ class RunSettings:
     blockwise: int = 0  # steps per block of block-wise learning (0: end to end)
     init_allocation: str | None = "edges"  # where the tile prior starts the dense share (None: uniform)
     sparse_weights: str = "dense"  # what the sparse tiles' weights are while learning: dense | fitted
+    block_steps: int | None = None  # block reconstruction's steps per block (None: the mode's default)
+
+    @property
+    def learns(self) -> bool:
+        return self.mode != ONESHOT
+
+    def block_fit(self) -> BlockFit:
+        steps = self.block_steps or DEFAULT_BLOCK_STEPS.get(self.mode)
+        return BlockFit(steps=steps) if steps else BlockFit()
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -74,8 +93,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--data", default=DEFAULT_CORPUS)
     p.add_argument("--sparsity", type=float, default=0.35, help="PATCH target sparsity in [0, 0.5] (default 0.35)")
-    p.add_argument("--mode", choices=("patch-tile", "patch-joint"), default="patch-tile")
-    p.add_argument("--prior", choices=pruner_names(), default="sparsegpt")
+    p.add_argument("--mode", choices=MODES, default=ONESHOT,
+                   help="oneshot (default): SparseGPT 2:4 on the middle blocks, the first and last dense, no "
+                        "learning; patch-tile / patch-joint: learn the tiles (and 2:4 groups) from a one-shot prior")
+    p.add_argument("--prior", choices=pruner_names(), default="sparsegpt",
+                   help="the one-shot pruner (oneshot), or the prior learning starts from")
     p.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
     p.add_argument("--calib-windows", type=positive_int, default=32, help="calibration windows of --seqlen tokens")
     p.add_argument("--eval-windows", type=positive_int, default=16, help="evaluation windows of --seqlen tokens")
@@ -86,6 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="share of the dense-model distillation term in [0, 1] (default: the preset's)")
     p.add_argument("--blockwise", type=int, default=0, metavar="STEPS",
                    help="learn block by block on the calibration windows, STEPS steps per block (0: end to end)")
+    p.add_argument("--block-steps", type=positive_int, default=None,
+                   help=f"block reconstruction's Adam steps per block (default {DEFAULT_BLOCK_STEPS[ONESHOT]} for "
+                        f"oneshot, {BlockFit().steps} for the learned modes)")
     p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="block",
                    help="weight reconstruction of the learned masks: block = each block's kept weights fitted to the "
                         "dense model's block outputs (default), fixed = exact least squares per layer, repick = "
@@ -106,11 +131,21 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
                            prior=args.prior, preset=args.preset, calib_windows=args.calib_windows,
                            eval_windows=args.eval_windows, seqlen=args.seqlen, seed=args.seed, steps=args.steps,
                            distill=args.distill, reconstruct=None if args.reconstruct == "none" else args.reconstruct,
-                           blockwise=args.blockwise, sparse_weights=args.sparse_weights,
+                           blockwise=args.blockwise, sparse_weights=args.sparse_weights, block_steps=args.block_steps,
                            init_allocation=None if args.init_allocation == "uniform" else args.init_allocation)
     if settings.blockwise < 0:
         raise PatchsparseError(f"--blockwise must be >= 0 steps per block, got {settings.blockwise}")
-    check_learning_options(run_config(settings), bool(settings.blockwise))
+    if settings.learns:
+        check_learning_options(run_config(settings), bool(settings.blockwise))
+        return settings
+    defaults = {f.name: f.default for f in fields(RunSettings)}
+    changed = [k for k in LEARNING_ONLY if getattr(settings, k) != defaults[k]]
+    if changed:
+        raise PatchsparseError(f"--{changed[0].replace('_', '-')} is an option of learning; add --mode patch-tile "
+                               "(or patch-joint) to learn the tiles")
+    if settings.init_allocation != "edges":
+        raise PatchsparseError("--mode oneshot makes the first and last blocks dense (the edges allocation); "
+                               "--init-allocation uniform is for learning")
     return settings
 
 
@@ -215,6 +250,22 @@ def _run_main(args: argparse.Namespace, settings: RunSettings) -> int:
         return {"perplexity": perplexity, "sparsity": spec.sparsity(), "corpus": corpus.name,
                 "masks": str(out / "baselines" / "sparsegpt-2of4")}
 
+    def oneshot() -> dict[str, Any]:
+        if discard_other_run(out, None):
+            log(f"removed the learning run saved in {out}: the one-shot masks take its place")
+        result = oneshot_blocks(model, calibration(), settings.sparsity, pruner=settings.prior,
+                                reconstruct=settings.reconstruct, block_fit=settings.block_fit())
+        spec = result.spec
+        save_mask_spec(spec, out / "masks", identity=loaded.identity, base_model=model, overwrite=True,
+                       updated_weights=result.weights,
+                       extra={"method": settings.prior, "pattern": "2:4", "block_allocation": "edges",
+                              "sparse_blocks": result.sparse_blocks, "reconstruction": settings.reconstruct})
+        perplexity = masked_perplexity(model, spec, eval_windows, f"PATCH one-shot {settings.sparsity:.0%} perplexity",
+                                       result.weights)
+        return {"perplexity": perplexity, "sparsity": result.sparsity, "corpus": corpus.name,
+                "sparse_blocks": result.sparse_blocks, "masks": str(out / "masks"),
+                "seconds_by_stage": {k: round(v, 1) for k, v in result.seconds.items()}}
+
     def patch() -> dict[str, Any]:
         config = run_config(settings)
         if discard_other_run(out, config):  # this step is being redone with other settings
@@ -225,6 +276,7 @@ def _run_main(args: argparse.Namespace, settings: RunSettings) -> int:
                              or settings.reconstruct is not None or not can_resume(out))
         result = learn_pipeline(model, windows, calibration() if needs_calibration else None, config,
                                 settings.prior, out_dir=out, reconstruct=settings.reconstruct, blockwise=blockwise,
+                                block_fit=settings.block_fit(),
                                 metadata={"prior": settings.prior, "preset": settings.preset})
         spec = result.spec
         save_mask_spec(spec, out / "masks", identity=loaded.identity, base_model=model, overwrite=True,
@@ -242,7 +294,7 @@ def _run_main(args: argparse.Namespace, settings: RunSettings) -> int:
         ("dense", step("dense", "dense", dense)),
         ("SparseGPT 2:4", step("sparsegpt-2of4", "SparseGPT 2:4", sparsegpt_2of4)),
         (f"PATCH {settings.mode} {settings.sparsity:.0%}",
-         step("patch", f"PATCH {settings.mode} {settings.sparsity:.0%}", patch)),
+         step("patch", f"PATCH {settings.mode} {settings.sparsity:.0%}", patch if settings.learns else oneshot)),
     ]
     from patchsparse.report.build import build_report
 

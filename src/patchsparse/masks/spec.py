@@ -92,6 +92,14 @@ class HybridMaskSpec:
         kept, total = self.kept_and_total()
         return 1.0 - kept / total
 
+    def sparsity_over(self, total_weights: int) -> float:
+        """Sparsity over `total_weights` weights, those outside the masked layers dense (for example a
+        mask of some blocks measured over all decoder linears)."""
+        kept, total = self.kept_and_total()
+        if total_weights < total:
+            raise PatchsparseError(f"{total_weights} weights cannot hold the {total} this mask covers")
+        return (total - kept) / total_weights
+
     def per_layer_sparsity(self) -> dict[str, float]:
         return {name: mask.sparsity() for name, mask in self.layers.items()}
 

@@ -55,6 +55,9 @@ def summary_lines(document: dict[str, Any], spec: HybridMaskSpec) -> list[str]:
         f"{len(spec.layers)} layers) |",
         f"| written by | patchsparse {md_cell(document.get('package_version', '?'))} |",
     ]
+    whole = (document.get("metadata") or {}).get("model_sparsity")
+    if isinstance(whole, (int, float)):  # masks of some blocks: the others are dense
+        lines.insert(-1, f"| sparsity over all decoder linears | {_percent(whole)} (layers without masks stay dense) |")
     return ["| | |", "|---|---|", *lines]
 
 
