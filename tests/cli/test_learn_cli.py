@@ -99,6 +99,13 @@ def test_blockwise_weight_learning_saves_its_weights_beside_the_masks(tiny_model
         assert not torch.equal(weight[keep], dense.get_submodule(name).weight.detach()[keep])
 
 
+def test_block_steps_set_the_block_reconstruction_after_learning(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, text_file, out, "--reconstruct", "block", "--block-steps", "2",
+                      "--no-eval")) == 0
+    assert load_mask_spec(out / "masks").metadata["reconstruction_steps_per_block"] == 2
+
+
 @pytest.mark.parametrize("value", ["-1e-3", "nan", "fast"])
 def test_blockwise_weight_lr_must_be_a_number_at_least_zero(tiny_model_dir, text_file, tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exit_:

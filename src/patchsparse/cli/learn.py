@@ -38,7 +38,7 @@ from patchsparse.pipeline import (check_learning_options, learn_pipeline, learn_
                                   prior_2_4_spec)
 from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.types import PriorMasks
-from patchsparse.reconstruct import MODES as RECONSTRUCTIONS
+from patchsparse.reconstruct import MODES as RECONSTRUCTIONS, BlockFit
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log
 
@@ -100,6 +100,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "masks): block = each block's kept weights fitted to the dense model's block outputs; "
                         "fixed = exact least squares per layer under the learned mask; repick = dense tiles kept, "
                         "2:4 groups re-chosen by SparseGPT (default: none)")
+    p.add_argument("--block-steps", type=positive_int, default=BlockFit().steps,
+                   help=f"--reconstruct block: Adam steps per decoder block (default: {BlockFit().steps})")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the prior and learned masks on the eval split (default: on; --no-eval skips)")
     p.add_argument("--eval-windows", type=int, default=16,
@@ -241,7 +243,8 @@ def _run_learn(args: argparse.Namespace, config: LearnConfig, parallel: DataPara
     pipeline = learn_pipeline(model, windows, calib, config, args.prior, prior=prior, out_dir=args.out,
                               resume=args.resume, policy=args.policy, reconstruct=reconstruct,
                               metadata={"prior": args.prior, "preset": args.preset},
-                              parallel=parallel, shard_optimizer=shard, blockwise=blockwise)
+                              parallel=parallel, shard_optimizer=shard, blockwise=blockwise,
+                              block_fit=BlockFit(steps=args.block_steps))
     result, spec = pipeline.learn, pipeline.spec
     if not main:
         parallel.barrier()  # wait until process 0 has written the masks
