@@ -69,7 +69,8 @@ def test_main_job_by_default_prunes_the_middle_blocks_and_fits_them(tiny_model_d
 
 
 @pytest.mark.parametrize("option", [["--steps", "3"], ["--distill", "0.5"], ["--blockwise", "2"],
-                                    ["--sparse-weights", "fitted"], ["--init-allocation", "uniform"]])
+                                    ["--sparse-weights", "fitted"], ["--init-allocation", "uniform"],
+                                    ["--preset", "paper"]])
 def test_main_job_refuses_learning_options_without_learning(option, tiny_model_dir, varied_text_file, tmp_path,
                                                             capsys):
     out = tmp_path / "x"

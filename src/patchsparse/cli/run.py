@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,7 +52,9 @@ MODES = (ONESHOT, "patch-tile", "patch-joint")
 # block-fit steps per block when --block-steps is not given: the one-shot pipeline spends on the fit
 # the minutes the learned ones spend learning (both about 8 min on 2 cores at 35%)
 DEFAULT_BLOCK_STEPS = {ONESHOT: 128}
-LEARNING_ONLY = ("steps", "distill", "blockwise", "sparse_weights")
+# the settings that only learning reads, at the values that leave them unused
+LEARNING_DEFAULTS = {"preset": "cpu", "steps": None, "distill": None, "blockwise": 0, "sparse_weights": "dense",
+                     "init_allocation": "edges"}
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"block reconstruction's Adam steps per block (default {DEFAULT_BLOCK_STEPS[ONESHOT]} for "
                         f"oneshot, {BlockFit().steps} for the learned modes)")
     p.add_argument("--reconstruct", choices=(*RECONSTRUCTIONS, "none"), default="block",
-                   help="weight reconstruction of the learned masks: block = each block's kept weights fitted to the "
+                   help="weight reconstruction of the PATCH masks: block = each block's kept weights fitted to the "
                         "dense model's block outputs (default), fixed = exact least squares per layer, repick = "
                         "SparseGPT re-picks the 2:4 groups of the sparse tiles, none")
     p.add_argument("--init-allocation", choices=("uniform", "edges"), default="edges",
@@ -138,14 +140,10 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     if settings.learns:
         check_learning_options(run_config(settings), bool(settings.blockwise))
         return settings
-    defaults = {f.name: f.default for f in fields(RunSettings)}
-    changed = [k for k in LEARNING_ONLY if getattr(settings, k) != defaults[k]]
-    if changed:
+    changed = [k for k, unused in LEARNING_DEFAULTS.items() if getattr(settings, k) != unused]
+    if changed:  # (the one-shot masks always keep the first and last blocks dense: the edges allocation)
         raise PatchsparseError(f"--{changed[0].replace('_', '-')} is an option of learning; add --mode patch-tile "
                                "(or patch-joint) to learn the tiles")
-    if settings.init_allocation != "edges":
-        raise PatchsparseError("--mode oneshot makes the first and last blocks dense (the edges allocation); "
-                               "--init-allocation uniform is for learning")
     return settings
 
 
