@@ -171,7 +171,8 @@ def run_learned(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
                             out_dir=None if spec.blockwise else run_dir,
                             policy=bench.settings.get("extraction", "exact"), reconstruct=spec.reconstruct,
                             blockwise=(BlockwiseConfig(spec.blockwise, weight_lr=spec.blockwise_weight_lr)
-                                       if spec.blockwise else None))
+                                       if spec.blockwise else None),
+                            block_fit=BlockFit(steps=spec.block_steps) if spec.block_steps else BlockFit())
     seconds = prior_seconds + result.total_seconds
     ppl = {split: masked_perplexity(bench.model, result.spec, windows_, f"{spec.name} {split}", result.weights)
            for split, windows_ in bench.evals.items()}

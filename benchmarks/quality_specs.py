@@ -37,7 +37,7 @@ class MethodSpec:
                                     # one-shot: block, from the pruner's own update)
     blockwise: int = 0             # learned: steps per block of block-wise learning (0: end to end)
     blockwise_weight_lr: float = 0.0  # learned block-wise: the weights learn with the masks at this rate
-    block_steps: int = 0           # one-shot block reconstruction: Adam steps per block (0: BlockFit's default)
+    block_steps: int = 0           # block reconstruction: Adam steps per block (0: BlockFit's default)
     sparse_weights: str = "dense"  # learned: the sparse tiles' weights while learning (dense | fitted)
 
 
@@ -131,6 +131,10 @@ def lever_specs() -> list[MethodSpec]:
         specs.append(MethodSpec(f"blocks-edges-{s:.0%}-block128", "blocks", "levers",
                                 f"SparseGPT 2:4 on middle blocks {s:.0%} + block reconstruction, 128 steps a block",
                                 s, allocation="edges", reconstruct="block", block_steps=128))
+    # and the learned masks given the same longer fit, so that the two are compared at equal fit too
+    specs.append(MethodSpec("patch-tile-35%-edges-block128", "learned", "levers",
+                            "PATCH-Tile 35% + edge-block start + block reconstruction, 128 steps a block", 0.35,
+                            mode="patch-tile", allocation="edges", reconstruct="block", block_steps=128))
     return specs
 
 
@@ -141,7 +145,8 @@ def lever_specs() -> list[MethodSpec]:
 RESULTS_SECTIONS = (
     ("reference", ("dense",)),
     ("35%", ("blocks-edges-35%", "blocks-edges-35%-block", "blocks-edges-35%-block128", "patch-tile-35%",
-             "patch-tile-35%-edges-block", "patch-tile-35%-edges-fitted-block", "sparsegpt-unstructured-35%")),
+             "patch-tile-35%-edges-block", "patch-tile-35%-edges-block128", "patch-tile-35%-edges-fitted-block",
+             "sparsegpt-unstructured-35%")),
     ("45%", ("blocks-edges-45%", "blocks-edges-45%-block", "blocks-edges-45%-block128", "patch-tile-45%",
              "patch-tile-45%-edges-block", "sparsegpt-unstructured-45%")),
     ("25%", ("blocks-edges-25%", "blocks-edges-25%-block", "patch-tile-25%", "patch-tile-25%-edges-block",

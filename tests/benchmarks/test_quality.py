@@ -279,6 +279,28 @@ def test_one_shot_block_rows_fit_with_their_own_step_count(quality, runner, tiny
     assert [fit.steps for fit in fits] == [128, runner.BlockFit().steps]
 
 
+def test_learned_block_rows_hand_their_step_count_to_the_pipeline(quality, runner, tiny_model_dir, tiny_tokenizer,
+                                                                 tmp_path, monkeypatch):
+    loaded = load_model(str(tiny_model_dir))
+    ids = torch.randint(0, len(tiny_tokenizer), (2000,), generator=torch.Generator().manual_seed(0))
+    dense = {n: l.weight.detach().clone() for n, l in select_linears(loaded.model).items()}
+    bench = quality.Bench(loaded.model, loaded.identity, ids, {"in-domain": ids[:64].view(2, 32)},
+                          {"calib_windows": 2, "seqlen": 32, "seed": 0, "preset": "cpu", "steps": 1,
+                           "train_seqlen": 32}, tmp_path, dense)
+    by_name = {s.name: s for s in quality.default_specs()}
+    fits = []
+
+    def stop_at_the_pipeline(*args, block_fit, **kwargs):
+        fits.append(block_fit.steps)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(runner, "learn_pipeline", stop_at_the_pipeline)
+    for name in ("patch-tile-35%-edges-block128", "patch-tile-35%-edges-block"):
+        with pytest.raises(RuntimeError, match="stop"):
+            quality.run_spec(bench, by_name[name])
+    assert fits == [128, runner.BlockFit().steps]
+
+
 def test_rows_with_the_same_prior_share_it(quality, runner, tiny_model_dir, monkeypatch, tmp_path):
     loaded = load_model(str(tiny_model_dir))
     ids = torch.arange(2000) % 50
