@@ -1,4 +1,4 @@
-"""Quality benchmark: PATCH against one-shot, learned and sparsity-matched baselines; writes docs/RESULTS.md.
+"""Quality benchmark: PATCH against one-shot, learned and sparsity-matched baselines.
 
 Every method starts from the same dense weights (restored in memory between methods) and is scored
 on the held-out split of the corpus and on an out-of-domain text (Shakespeare's plays from the
@@ -7,9 +7,11 @@ All learned methods (MaskLLM, PATCH-Tile, PATCH-Joint) get the same training-tok
 same steps × windows × tokens. Methods run one after another in one process; each result is
 appended to `OUT/results.jsonl` as soon as it is finished, so an interrupted run resumes where it
 stopped (finished methods with the same settings are skipped; a learned method resumes from its
-checkpoint). `RESULTS.md` and the plot are rebuilt from that file after every method.
+checkpoint). `RESULTS.md` and the plot are rebuilt from that file after every method: docs/RESULTS.md
+for the rows of `--set results` (run by benchmarks/results_run.sh), else OUT/RESULTS.md.
 
-    python benchmarks/quality.py                                   # everything (~90 min on a 2-core CPU)
+    python benchmarks/quality.py --set results --out runs/results  # docs/RESULTS.md (~2.5 h on a 2-core CPU)
+    python benchmarks/quality.py                                   # every row (many hours): runs/quality/RESULTS.md
     python benchmarks/quality.py --only dense,sparsegpt-2:4 --eval-windows 2    # a quick look
     python benchmarks/quality.py --steps 200                       # a larger training budget
     python benchmarks/quality.py --tiny --out runs/q             # tiny random Llama, seconds
@@ -119,8 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help=f"model (default {DEFAULT_MODEL}; --tiny: a tiny random Llama)")
     p.add_argument("--data", default=None, help=f"corpus (default '{DEFAULT_CORPUS}'; --tiny: a small local text)")
     p.add_argument("--out", type=Path, default=Path("runs/quality"), help="results directory (resumable)")
-    p.add_argument("--results", type=Path, default=None, help="RESULTS.md to write (default docs/RESULTS.md; "
-                   "--tiny: OUT/RESULTS.md)")
+    p.add_argument("--results", type=Path, default=None, help="RESULTS.md to write (default: docs/RESULTS.md with "
+                   "--set results, else OUT/RESULTS.md)")
     p.add_argument("--only", default=None, help="comma-separated method names (default: all)")
     p.add_argument("--list", action="store_true", help="list the method names and exit")
     p.add_argument("--set", dest="row_set", default="all", choices=ROW_SETS,
@@ -155,7 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.results is None:
-        args.results = args.out / "RESULTS.md" if tiny else Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
+        docs = not tiny and args.row_set == "results"  # docs/RESULTS.md holds the one run of those rows
+        args.results = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md" if docs else args.out / "RESULTS.md"
     for name in ("steps", "calib_windows", "eval_windows", "seqlen", "train_seqlen"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -11,11 +11,11 @@ out="${1:-runs/results}"
 python="${PYTHON:-$root/.venv/bin/python}"
 [ -x "$python" ] || python=python3
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
-for rows in dense,sparsegpt-2:4,blocks-edges-35%,patch-tile-35%,patch-tile-35%-edges-block,blocks-edges-35%-block,blocks-edges-35%-block128 \
+for rows in dense,sparsegpt-2:4,blocks-edges-35%,patch-tile-35%,patch-tile-35%-edges-block,blocks-edges-35%-block,blocks-edges-35%-block128,patch-tile-35%-edges-block128 \
             patch-tile-45%,blocks-edges-45%,patch-tile-45%-edges-block,blocks-edges-45%-block,blocks-edges-45%-block128 \
             magnitude-2:4,wanda-2:4,maskllm-2:4,maskllm-2:4-block,sparsegpt-2:4-block \
             patch-tile-25%,blocks-edges-25%,patch-tile-25%-edges-block,blocks-edges-25%-block \
             sparsegpt-unstructured-25%,sparsegpt-unstructured-35%,sparsegpt-unstructured-45% \
             maskllm-2:4-joint-block,patch-tile-35%-edges-fitted-block; do
-    "$python" benchmarks/quality.py --out "$out" --results docs/RESULTS.md --set results --only "$rows"
+    "$python" benchmarks/quality.py --out "$out" --set results --only "$rows"
 done
