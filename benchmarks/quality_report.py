@@ -13,6 +13,7 @@ from typing import Any
 
 from patchsparse.atomic import atomic_write_bytes, atomic_write_text
 from patchsparse.prior.allocation import OWL_LAMBDA, OWL_M
+from patchsparse.reconstruct import BlockFit
 from patchsparse.records import git_commit
 
 from quality_specs import MethodSpec, key_fields
@@ -323,7 +324,8 @@ def render_results(rows: dict[str, dict[str, Any]], specs: list[MethodSpec], set
         lines += ["", "## Perplexity against sparsity", "", f"![perplexity vs sparsity]({plot_name})"]
     lines += ["", "## How the baselines are built", "",
               "- One-shot rows prune with their method's own calibration (SparseGPT updates the kept weights); "
-              "learned rows keep the weights frozen and learn masks only.",
+              "learned rows keep the weights frozen and learn masks only (unless the row reconstructs them or "
+              "learns them block-wise, below).",
               "- *SparseGPT hybrid*: the one-shot PATCH prior with SparseGPT's weight update: each layer's "
               "highest-scoring tiles (the preset's tile size) dense, so that the layer is at the target, and "
               "SparseGPT 2:4 elsewhere; it shows what learning adds over the one-shot tile choice.",
@@ -337,6 +339,16 @@ def render_results(rows: dict[str, dict[str, Any]], specs: list[MethodSpec], set
               "or dense, so that continuous sparsity cannot be met; we keep OWL's order: the blocks with the "
               "fewest outliers get 2:4, as many as the target needs (λ then does not change the choice). "
               "The blocks chosen and the outlier ratios are in the results file.",
+              "- *+ block reconstruction*: once the masks are fixed, each decoder block's kept weights are "
+              f"fitted with Adam ({BlockFit().steps} steps a block unless the row says otherwise, "
+              f"{BlockFit().windows_per_step} calibration windows a step, peak rate {BlockFit().lr:g}) so that the "
+              "block reproduces the dense model's block output on the calibration windows; one-shot rows start "
+              "from the pruner's update, learned rows from the dense weights under the masks (or from the weights "
+              "learned with them).",
+              "- *edge-block start*: the tile prior starts where *middle blocks* ends (the first and last blocks "
+              "dense), and learning moves tiles from there. *Learned on fitted 2:4 weights*: the 2:4 option of "
+              "every tile is block-reconstructed before the tile logits learn. *Learned block-wise with the "
+              "weights*: each block's 2:4 logits and weights train together against the dense block's output.",
               "- Tile sizes that do not divide a layer leave narrower tiles at the right and bottom edges; "
               "row stripes are tiles of r rows by the layer's whole input width.",
               "- Seeds change the training noise, initialisation and window order; the prior and the "
