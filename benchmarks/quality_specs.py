@@ -145,8 +145,7 @@ def lever_specs() -> list[MethodSpec]:
 RESULTS_SECTIONS = (
     ("reference", ("dense",)),
     ("35%", ("blocks-edges-35%", "blocks-edges-35%-block", "blocks-edges-35%-block128", "patch-tile-35%",
-             "patch-tile-35%-edges-block", "patch-tile-35%-edges-block128", "patch-tile-35%-edges-fitted-block",
-             "sparsegpt-unstructured-35%")),
+             "patch-tile-35%-edges-block", "patch-tile-35%-edges-block128", "sparsegpt-unstructured-35%")),
     ("45%", ("blocks-edges-45%", "blocks-edges-45%-block", "blocks-edges-45%-block128", "patch-tile-45%",
              "patch-tile-45%-edges-block", "sparsegpt-unstructured-45%")),
     ("25%", ("blocks-edges-25%", "blocks-edges-25%-block", "patch-tile-25%", "patch-tile-25%-edges-block",

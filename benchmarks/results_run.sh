@@ -2,7 +2,7 @@
 # The run behind docs/RESULTS.md: the rows that answer "does learning pay?" at 35/45/25% and 2:4, each
 # learned pipeline beside the strongest one-shot baseline at the same sparsity, with and without the same
 # block reconstruction; most important first, so that a stopped run still answers for 35%:
-#   bash benchmarks/results_run.sh [OUTDIR]      (default runs/results; resumable, about 2 h 15 min on 2 cores)
+#   bash benchmarks/results_run.sh [OUTDIR]      (default runs/results; resumable, about 2 h on 2 cores)
 # The wider studies live in benchmarks/quality_study.sh and benchmarks/levers_study.sh.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,6 +16,6 @@ for rows in dense,sparsegpt-2:4,blocks-edges-35%,patch-tile-35%,patch-tile-35%-e
             magnitude-2:4,wanda-2:4,maskllm-2:4,maskllm-2:4-block,sparsegpt-2:4-block \
             patch-tile-25%,blocks-edges-25%,patch-tile-25%-edges-block,blocks-edges-25%-block \
             sparsegpt-unstructured-25%,sparsegpt-unstructured-35%,sparsegpt-unstructured-45% \
-            maskllm-2:4-joint-block,patch-tile-35%-edges-fitted-block; do
+            maskllm-2:4-joint-block; do
     "$python" benchmarks/quality.py --out "$out" --set results --only "$rows"
 done
