@@ -10,7 +10,7 @@ stopped (finished methods with the same settings are skipped; a learned method r
 checkpoint). `RESULTS.md` and the plot are rebuilt from that file after every method: docs/RESULTS.md
 for the rows of `--set results` (run by benchmarks/results_run.sh), else OUT/RESULTS.md.
 
-    python benchmarks/quality.py --set results --out runs/results  # docs/RESULTS.md (~2.5 h on a 2-core CPU)
+    python benchmarks/quality.py --set results --out runs/results  # docs/RESULTS.md (about 2 h on a 2-core CPU)
     python benchmarks/quality.py                                   # every row (many hours): runs/quality/RESULTS.md
     python benchmarks/quality.py --only dense,sparsegpt-2:4 --eval-windows 2    # a quick look
     python benchmarks/quality.py --steps 200                       # a larger training budget
