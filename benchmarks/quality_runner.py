@@ -22,10 +22,9 @@ from patchsparse.learn.presets import preset_config
 from patchsparse.learn.priors import build_prior
 from patchsparse.models import select_linears
 from patchsparse.models.layers import MLP_ONLY, LayerSelection
-from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity
+from patchsparse.pipeline import can_resume, learn_pipeline, masked_perplexity, pruned
 from patchsparse.prior.allocation import allocate_blocks
-from patchsparse.prior.oneshot import prune_model
-from patchsparse.reconstruct import BlockFit, reconstruct_blocks, updated_weights
+from patchsparse.reconstruct import BlockFit
 
 from quality_report import settings_key
 from quality_specs import FULL_WIDTH, MethodSpec, key_fields
@@ -111,24 +110,19 @@ def run_dense(bench: Bench, spec: MethodSpec) -> dict[str, Any]:
 
 def run_oneshot(bench: Bench, spec: MethodSpec, selection: LayerSelection = LayerSelection(),
                 extra_tokens: int = 0) -> dict[str, Any]:
+    if spec.reconstruct not in (None, "block"):
+        raise PatchsparseError(f"{spec.name}: one-shot rows reconstruct only with 'block'")
     start = time.perf_counter()
     hybrid = spec.pattern == "hybrid"  # the one-shot PATCH prior itself: the layer's best tiles dense, 2:4 elsewhere
     tile = preset_config(bench.settings["preset"], "patch-tile", spec.sparsity).mask.tile if hybrid else None
     sparsity = spec.sparsity if spec.pattern in ("unstructured", "hybrid") else None  # N:M implies its own
-    spec_masks = prune_model(bench.model, bench.calibration(), spec.pruner, "2:4" if hybrid else spec.pattern,
-                             sparsity, tile=tile, selection=selection)
-    if spec.reconstruct == "block":  # continue from the pruner's update: the fit needs the dense weights in place
-        updated = updated_weights(bench.model, spec_masks)
-        bench.restore()
-        fit = BlockFit(steps=spec.block_steps) if spec.block_steps else BlockFit()
-        reconstruct_blocks(bench.model, spec_masks, bench.calibration(), fit, start=updated)
-    elif spec.reconstruct is not None:
-        raise PatchsparseError(f"{spec.name}: one-shot rows reconstruct only with 'block'")
+    fit = BlockFit(steps=spec.block_steps) if spec.block_steps else BlockFit()
+    spec_masks, weights, _ = pruned(bench.model, bench.calibration(), spec.pruner, "2:4" if hybrid else spec.pattern,
+                                    sparsity, tile=tile, selection=selection, reconstruct=spec.reconstruct,
+                                    block_fit=fit)
     seconds = time.perf_counter() - start
-    try:
-        ppl = bench.perplexities(spec.name)
-    finally:
-        bench.restore()
+    ppl = {split: masked_perplexity(bench.model, spec_masks, windows, f"{spec.name} {split}", weights)
+           for split, windows in bench.evals.items()}
     return {"sparsity": spec_masks.sparsity_over(bench.total_weights), "ppl": ppl, "method_seconds": seconds,
             "calib_tokens": bench.calib_tokens + extra_tokens, "train_tokens": 0,
             "masked_layers": len(spec_masks.layers)}

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,7 @@ from patchsparse.learn.priors import build_prior
 from patchsparse.learn.trainer import (CHECKPOINT_FILE, METRICS_FILE, PRIOR_FILE, RUN_FILE, LearnResult,
                                        check_same_settings, learn_masks, load_prior, save_prior, started_with)
 from patchsparse.masks.spec import HybridMaskSpec, LayerMask
-from patchsparse.models.layers import block_index, select_linears
+from patchsparse.models.layers import LayerSelection, block_index, select_linears
 from patchsparse.prior.allocation import allocate_blocks
 from patchsparse.prior.oneshot import prune_model
 from patchsparse.prior.types import PriorMasks
@@ -56,6 +57,18 @@ def discard_other_run(run_dir: Path, config: LearnConfig | None) -> bool:
     return True
 
 
+@contextmanager
+def weights_restored(linears: dict[str, nn.Linear]) -> Iterator[None]:
+    """Put these linears' weights back as they were on leaving the block, whatever happened inside."""
+    saved = {name: module.weight.detach().clone() for name, module in linears.items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, module in linears.items():
+                module.weight.copy_(saved[name])
+
+
 @torch.no_grad()
 def masked_perplexity(model: nn.Module, spec: HybridMaskSpec | None, windows: torch.Tensor, desc: str,
                       weights: dict[str, torch.Tensor] | None = None) -> float:
@@ -64,15 +77,11 @@ def masked_perplexity(model: nn.Module, spec: HybridMaskSpec | None, windows: to
     if spec is None:
         return evaluate_perplexity(model, windows, desc=desc).perplexity
     linears = spec.check_matches(model)
-    saved = {name: module.weight.detach().clone() for name, module in linears.items()}
-    try:
+    with weights_restored(linears):
         for name, weight in (weights or {}).items():
             linears[name].weight.copy_(weight.to(linears[name].weight.dtype))
         spec.apply_(model)
         return evaluate_perplexity(model, windows, desc=desc).perplexity
-    finally:
-        for name, module in linears.items():
-            module.weight.copy_(saved[name])
 
 
 @dataclass
@@ -205,23 +214,32 @@ def oneshot_blocks(model: nn.Module, calib_windows: torch.Tensor, sparsity: floa
     if not blocks:
         raise PatchsparseError(f"sparsity {sparsity} is closer to no 2:4 block than to one; raise it, "
                                "or learn the tiles (--mode patch-tile)")
-    seconds: dict[str, float] = {}
-    linears = select_linears(model, selection)
-    dense = {name: module.weight.detach().clone() for name, module in linears.items()}
-    try:
-        spec = prune_model(model, calib_windows, pruner, "2:4", selection=selection, update_weights=True)
-        weights = updated_weights(model, spec)
-    finally:
-        with torch.no_grad():
-            for name, module in linears.items():
-                module.weight.copy_(dense[name])
+    allocation_seconds = time.perf_counter() - start
+    spec, weights, seconds = pruned(model, calib_windows, pruner, selection=selection, reconstruct=reconstruct,
+                                    block_fit=block_fit)
+    seconds["prune"] += allocation_seconds
     sparsity = spec.sparsity_over(sum(m.weight.numel() for m in select_linears(model).values()))
     spec.metadata.update(block_allocation=allocation, sparse_blocks=blocks, model_sparsity=sparsity)
-    seconds["prune"] = time.perf_counter() - start
+    return OneShotResult(spec, weights, blocks, sparsity, seconds)
+
+
+def pruned(model: nn.Module, calib_windows: torch.Tensor | None, pruner: str, pattern: str = "2:4",
+           sparsity: float | None = None, *, tile: tuple[int, int] | None = None,
+           selection: LayerSelection = LayerSelection(), reconstruct: str | None = None,
+           block_fit: BlockFit = BlockFit()) -> tuple[HybridMaskSpec, dict[str, torch.Tensor], dict[str, float]]:
+    """(one-shot masks, their weights on CPU, seconds by stage: prune / reconstruct): the pruner's
+    masks and weight update (`prune_model`), then the kept weights reconstructed if asked (`block`
+    fits from the pruner's update). The model keeps its dense weights."""
+    start = time.perf_counter()
+    with weights_restored(select_linears(model, selection)):
+        spec = prune_model(model, calib_windows, pruner, pattern, sparsity, tile=tile, selection=selection,
+                           update_weights=True)
+        weights = updated_weights(model, spec)
+    seconds = {"prune": time.perf_counter() - start}
     if reconstruct is not None:
         spec, weights, seconds["reconstruct"] = reconstructed(model, spec, calib_windows, reconstruct,
                                                               block_fit=block_fit, start=weights)
-    return OneShotResult(spec, weights, blocks, sparsity, seconds)
+    return spec, weights, seconds
 
 
 def fitted_sparse_weights(model: nn.Module, prior: PriorMasks, calib_windows: torch.Tensor | None,
@@ -254,14 +272,8 @@ def reconstructed(model: nn.Module, spec: HybridMaskSpec, calib_windows: torch.T
     """(new spec, reconstructed weights on CPU, seconds); the model keeps its dense weights.
     `options` go to `reconstruct_model` (e.g. block_fit, start)."""
     start = time.perf_counter()
-    linears = spec.check_matches(model)
-    dense = {name: module.weight.detach().clone() for name, module in linears.items()}
-    try:
+    with weights_restored(spec.check_matches(model)):
         new = reconstruct_model(model, spec, calib_windows, mode, **options)
         weights = updated_weights(model, new)
-    finally:
-        with torch.no_grad():
-            for name, module in linears.items():
-                module.weight.copy_(dense[name])
     new.metadata["weights_updated"] = True
     return new, weights, time.perf_counter() - start

@@ -226,14 +226,19 @@ def test_unknown_method_is_one_line_error(quality, tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
-def test_baseline_runners_on_tiny_model(quality, tiny_model_dir, tiny_tokenizer, tmp_path):
-    """The one-shot, MLP-only, block-subset and OWL rows (not in the tiny table) on the tiny Llama."""
+def _tiny_bench(quality, tiny_model_dir, tiny_tokenizer, tmp_path, **settings):
+    """(a Bench on the tiny Llama with 2 calibration windows of 32 tokens, the dense weights it keeps)."""
     loaded = load_model(str(tiny_model_dir))
     ids = torch.randint(0, len(tiny_tokenizer), (2000,), generator=torch.Generator().manual_seed(0))
-    settings = {"calib_windows": 2, "seqlen": 32, "seed": 0, "preset": "cpu"}
     dense = {n: l.weight.detach().clone() for n, l in select_linears(loaded.model).items()}
-    bench = quality.Bench(loaded.model, loaded.identity, ids, {"in-domain": ids[:64].view(2, 32)}, settings,
-                          tmp_path, dense)
+    bench = quality.Bench(loaded.model, loaded.identity, ids, {"in-domain": ids[:64].view(2, 32)},
+                          {"calib_windows": 2, "seqlen": 32, "seed": 0, "preset": "cpu", **settings}, tmp_path, dense)
+    return bench, dense
+
+
+def test_baseline_runners_on_tiny_model(quality, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The one-shot, MLP-only, block-subset and OWL rows (not in the tiny table) on the tiny Llama."""
+    bench, dense = _tiny_bench(quality, tiny_model_dir, tiny_tokenizer, tmp_path)
     by_name = {s.name: s for s in quality.default_specs()}
     total = bench.total_weights
     mlp = sum(w.numel() for n, w in dense.items() if ".mlp." in n)
@@ -260,20 +265,19 @@ def test_baseline_runners_on_tiny_model(quality, tiny_model_dir, tiny_tokenizer,
     assert fitted["sparsity"] == plain["sparsity"] == pytest.approx(0.5)
     assert abs(fitted["ppl"]["in-domain"] - dense_ppl) < abs(plain["ppl"]["in-domain"] - dense_ppl)
     # every runner puts the dense weights back
-    for name, linear in select_linears(loaded.model).items():
+    for name, linear in select_linears(bench.model).items():
         assert torch.equal(linear.weight, dense[name])
 
 
 def test_one_shot_block_rows_fit_with_their_own_step_count(quality, runner, tiny_model_dir, tiny_tokenizer,
                                                           tmp_path, monkeypatch):
-    loaded = load_model(str(tiny_model_dir))
-    ids = torch.randint(0, len(tiny_tokenizer), (2000,), generator=torch.Generator().manual_seed(0))
-    dense = {n: l.weight.detach().clone() for n, l in select_linears(loaded.model).items()}
-    bench = quality.Bench(loaded.model, loaded.identity, ids, {"in-domain": ids[:64].view(2, 32)},
-                          {"calib_windows": 2, "seqlen": 32, "seed": 0, "preset": "cpu"}, tmp_path, dense)
+    from patchsparse import reconstruct as reconstruction
+
+    bench, _ = _tiny_bench(quality, tiny_model_dir, tiny_tokenizer, tmp_path)
     by_name = {s.name: s for s in quality.default_specs()}
     fits = []
-    monkeypatch.setattr(runner, "reconstruct_blocks", lambda model, spec, calib, fit, start=None: fits.append(fit))
+    monkeypatch.setattr(reconstruction, "reconstruct_blocks",
+                        lambda model, spec, calib, fit, start=None: fits.append(fit))
     quality.run_spec(bench, by_name["blocks-edges-35%-block128"])
     quality.run_spec(bench, by_name["blocks-edges-35%-block"])
     assert [fit.steps for fit in fits] == [128, runner.BlockFit().steps]
@@ -281,12 +285,7 @@ def test_one_shot_block_rows_fit_with_their_own_step_count(quality, runner, tiny
 
 def test_learned_block_rows_hand_their_step_count_to_the_pipeline(quality, runner, tiny_model_dir, tiny_tokenizer,
                                                                  tmp_path, monkeypatch):
-    loaded = load_model(str(tiny_model_dir))
-    ids = torch.randint(0, len(tiny_tokenizer), (2000,), generator=torch.Generator().manual_seed(0))
-    dense = {n: l.weight.detach().clone() for n, l in select_linears(loaded.model).items()}
-    bench = quality.Bench(loaded.model, loaded.identity, ids, {"in-domain": ids[:64].view(2, 32)},
-                          {"calib_windows": 2, "seqlen": 32, "seed": 0, "preset": "cpu", "steps": 1,
-                           "train_seqlen": 32}, tmp_path, dense)
+    bench, _ = _tiny_bench(quality, tiny_model_dir, tiny_tokenizer, tmp_path, steps=1, train_seqlen=32)
     by_name = {s.name: s for s in quality.default_specs()}
     fits = []
 

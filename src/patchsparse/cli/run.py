@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn as nn
 
 from patchsparse.cli.common import (SPARSE_WEIGHTS_HELP, add_json_arg, check_seqlen, check_writable_dir,
                                     positive_int)
@@ -38,11 +37,11 @@ from patchsparse.learn.presets import preset_config
 from patchsparse.models import load_model, select_linears
 from patchsparse.models.builtin import DEFAULT_MODEL
 from patchsparse.pipeline import (can_resume, check_learning_options, discard_other_run, learn_pipeline,
-                                  masked_perplexity, oneshot_blocks)
+                                  masked_perplexity, oneshot_blocks, weights_restored)
 from patchsparse.prior.methods import pruner_names
 from patchsparse.prior.oneshot import prune_model
 from patchsparse.masks.tiles import check_hybrid_sparsity
-from patchsparse.reconstruct import MODES as RECONSTRUCTIONS, BlockFit
+from patchsparse.reconstruct import MODES as RECONSTRUCTIONS, BlockFit, updated_weights
 from patchsparse.records import make_record, write_record
 from patchsparse.utils import log
 
@@ -179,17 +178,6 @@ def finished_step(path: Path, name: str, settings: RunSettings) -> dict[str, Any
     return record if all(saved.get(k) == current[k] for k in keys) else None
 
 
-@torch.no_grad()
-def _snapshot(linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    return {name: module.weight.detach().clone() for name, module in linears.items()}
-
-
-@torch.no_grad()
-def _restore(linears: dict[str, nn.Linear], saved: dict[str, torch.Tensor]) -> None:
-    for name, module in linears.items():
-        module.weight.copy_(saved[name])
-
-
 def run_main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     check_writable_dir(args.out)
@@ -235,14 +223,10 @@ def _run_main(args: argparse.Namespace, settings: RunSettings) -> int:
                 "corpus": corpus.name}
 
     def sparsegpt_2of4() -> dict[str, Any]:
-        linears = select_linears(model)
-        original = _snapshot(linears)
-        try:
+        with weights_restored(select_linears(model)):
             spec = prune_model(model, calibration(), "sparsegpt", "2:4", update_weights=True)
-            updated = {name: module.weight.detach().cpu().clone() for name, module in linears.items()}
+            updated = updated_weights(model, spec)
             perplexity = evaluate_perplexity(model, eval_windows, desc="SparseGPT 2:4 perplexity").perplexity
-        finally:
-            _restore(linears, original)
         save_mask_spec(spec, out / "baselines" / "sparsegpt-2of4", identity=loaded.identity, base_model=model,
                        updated_weights=updated, overwrite=True, extra={"method": "sparsegpt", "pattern": "2:4"})
         return {"perplexity": perplexity, "sparsity": spec.sparsity(), "corpus": corpus.name,
