@@ -6,12 +6,8 @@
 # together with the weights and learning the tiles against fitted 2:4 weights, and give the one-shot
 # rows the learned rows' time. Writes OUTDIR/RESULTS.md (not docs/RESULTS.md).
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"  # relative paths, so that the command recorded in the results names no machine's folders
+source "$(dirname "${BASH_SOURCE[0]}")/quality_env.sh"
 out="${1:-runs/levers}"
-python="${PYTHON:-$root/.venv/bin/python}"
-[ -x "$python" ] || python=python3
-export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 for rows in dense,patch-tile-35%-edges-block,blocks-edges-35%,blocks-edges-35%-block \
             patch-tile-45%-edges-block,blocks-edges-45%,blocks-edges-45%-block \
             sparsegpt-2:4,sparsegpt-2:4-block,maskllm-2:4-block \

@@ -5,12 +5,8 @@
 #   bash benchmarks/results_run.sh [OUTDIR]      (default runs/results; resumable, about 2 h on 2 cores)
 # The wider studies live in benchmarks/quality_study.sh and benchmarks/levers_study.sh.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"  # relative paths, so that the command recorded in the results names no machine's folders
+source "$(dirname "${BASH_SOURCE[0]}")/quality_env.sh"
 out="${1:-runs/results}"
-python="${PYTHON:-$root/.venv/bin/python}"
-[ -x "$python" ] || python=python3
-export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 for rows in dense,sparsegpt-2:4,blocks-edges-35%,patch-tile-35%,patch-tile-35%-edges-block,blocks-edges-35%-block,blocks-edges-35%-block128,patch-tile-35%-edges-block128 \
             patch-tile-45%,blocks-edges-45%,patch-tile-45%-edges-block,blocks-edges-45%-block,blocks-edges-45%-block128 \
             magnitude-2:4,wanda-2:4,maskllm-2:4,maskllm-2:4-block,sparsegpt-2:4-block \
